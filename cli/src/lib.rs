@@ -1,0 +1,67 @@
+//! The `encore` command line: pretrain the base policy, sample clips to WAV,
+//! check prompt following, and benchmark throughput. Later issues add the
+//! job client, reward-model training and the one-machine quick start.
+//!
+//! Commands that have a configuration read it through `encore-config`:
+//! defaults < `--config FILE` section < `ENCORE_<SECTION>__<KEY>` < flags.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod evaluate;
+mod pretrain;
+mod sample;
+
+/// Fine-tune music generation models on human preferences.
+#[derive(Debug, Parser)]
+#[command(name = "encore", version, about)]
+pub struct Cli {
+    /// Configuration file (TOML or JSON) with one section per command.
+    #[arg(long, global = true, env = "ENCORE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format on stderr: text or json.
+    #[arg(long, global = true, default_value = "text")]
+    pub log_format: encore_telemetry::LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Pretrain the base policy on the procedural corpus.
+    Pretrain(pretrain::PretrainArgs),
+    /// Generate clips for a prompt and write them as WAV files.
+    Sample(sample::SampleArgs),
+    /// Check that a policy follows its prompts (instrument, tempo).
+    Evaluate(evaluate::EvaluateArgs),
+    /// Measure sampling and training throughput against the arithmetic limit.
+    Bench(bench::BenchArgs),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.config.as_deref();
+    match cli.command {
+        Command::Pretrain(args) => pretrain::run(config, args),
+        Command::Sample(args) => sample::run(config, args),
+        Command::Evaluate(args) => evaluate::run(args),
+        Command::Bench(args) => bench::run(args),
+    }
+}
+
+/// A progress bar that draws on a terminal and stays silent otherwise (logs
+/// carry the progress there).
+fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}] {{msg}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}

@@ -1,0 +1,152 @@
+//! `encore sample`: generate clips for a prompt and write them as WAV files.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use encore_model::{SamplingParams, TrainablePolicy, embed_captions, sample};
+use serde::{Deserialize, Serialize};
+
+/// The `[sample]` configuration section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SampleConfig {
+    /// Clip length in seconds (at most the checkpoint's clip length).
+    pub seconds: Option<f32>,
+    /// Sampler settings.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens.
+    pub top_k: Option<usize>,
+    /// Nucleus sampling threshold.
+    pub top_p: Option<f32>,
+    /// Sampler seed.
+    pub seed: u64,
+    /// Number of clips.
+    pub count: usize,
+    /// cpu, cuda or cuda:N.
+    pub device: String,
+}
+
+impl Default for SampleConfig {
+    fn default() -> Self {
+        Self {
+            seconds: None,
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+            count: 1,
+            device: "cpu".into(),
+        }
+    }
+}
+
+/// Flags of `encore sample`.
+#[derive(Debug, Args, Serialize)]
+pub struct SampleArgs {
+    /// Checkpoint directory (from `encore pretrain` or a fine-tuning job).
+    #[arg(long)]
+    #[serde(skip)]
+    checkpoint: PathBuf,
+    /// What the music should be, e.g. "a nostalgic tune played by accordion".
+    #[arg(long)]
+    #[serde(skip)]
+    prompt: String,
+    /// WAV file to write; with --count N > 1, clips go to NAME-1.wav ... NAME-N.wav.
+    #[arg(long, default_value = "clip.wav")]
+    #[serde(skip)]
+    out: PathBuf,
+    /// Clip length in seconds [default: the checkpoint's clip length].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seconds: Option<f32>,
+    /// Softmax temperature.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    /// Keep only the k most likely tokens.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<usize>,
+    /// Nucleus sampling threshold in (0, 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f32>,
+    /// Sampler seed.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
+    /// Number of clips.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count: Option<usize>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
+}
+
+pub fn run(config: Option<&Path>, args: SampleArgs) -> anyhow::Result<()> {
+    let cfg: SampleConfig = encore_config::load("sample", config, &args)?;
+    if cfg.count == 0 {
+        anyhow::bail!("count: must be at least 1");
+    }
+    let device = encore_model::device(&cfg.device)?;
+    let (model, _) = TrainablePolicy::load(&args.checkpoint, &device)
+        .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
+    let max = model.policy.config().max_frames;
+    let frames = match cfg.seconds {
+        None => max,
+        Some(s) if s.is_finite() && s > 0.0 => {
+            ((s * encore_codec::FRAME_RATE as f32).round() as usize).clamp(1, max)
+        }
+        Some(s) => anyhow::bail!("seconds: must be a positive number, got {s}"),
+    };
+    let params = SamplingParams {
+        temperature: cfg.temperature,
+        top_k: cfg.top_k,
+        top_p: cfg.top_p,
+        seed: cfg.seed,
+    };
+    let text = embed_captions(&vec![args.prompt.as_str(); cfg.count], &device)?;
+    let started = std::time::Instant::now();
+    let samples = sample(&model.policy, &text, frames, &params)?;
+    tracing::info!(
+        clips = cfg.count,
+        frames,
+        seconds = started.elapsed().as_secs_f64(),
+        "sampled"
+    );
+
+    for (i, tokens) in samples.tokens.iter().enumerate() {
+        let path = if cfg.count == 1 {
+            args.out.clone()
+        } else {
+            numbered(&args.out, i + 1)
+        };
+        let audio = encore_codec::render(tokens)?;
+        encore_codec::write_wav(&path, &audio)?;
+        let a = encore_corpus::analysis::analyze(tokens);
+        println!(
+            "{}: {:.1}s, {:.1} log-prob/token, heard as {} at {}",
+            path.display(),
+            frames as f32 / encore_codec::FRAME_RATE as f32,
+            samples.log_probs[i].iter().sum::<f32>() / frames as f32,
+            a.instrument
+                .map(|x| x.name().to_string())
+                .unwrap_or_else(|| "silence".into()),
+            a.tempo
+                .map(|t| format!("{:.0} bpm", t.bpm()))
+                .unwrap_or_else(|| "no clear tempo".into()),
+        );
+    }
+    Ok(())
+}
+
+fn numbered(path: &Path, n: usize) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "clip".into());
+    path.with_file_name(format!("{stem}-{n}.wav"))
+}

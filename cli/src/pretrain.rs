@@ -30,6 +30,18 @@ pub struct PretrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     learning_rate: Option<f64>,
+    /// Steps of linear learning-rate warm-up.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warmup_steps: Option<usize>,
+    /// Train the first part of the run on clips cut to this many frames (0: off).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    short_frames: Option<usize>,
+    /// Fraction of the steps trained on short clips.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    short_fraction: Option<f64>,
     /// Held-out evaluation every N steps.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

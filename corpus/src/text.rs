@@ -12,7 +12,7 @@
 //! encoder.
 
 /// Dimension of a caption embedding.
-pub const TEXT_DIM: usize = 256;
+pub const TEXT_DIM: usize = 2048;
 
 /// Weight of a bigram feature relative to a unigram.
 const BIGRAM_WEIGHT: f32 = 0.7;

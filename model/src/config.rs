@@ -75,11 +75,11 @@ impl Preset {
         match self {
             Preset::Tiny => base,
             Preset::Small => PolicyConfig {
-                d_model: 192,
-                n_layers: 5,
-                n_heads: 6,
-                d_ff: 768,
-                n_prefix: 8,
+                d_model: 128,
+                n_layers: 4,
+                n_heads: 4,
+                d_ff: 512,
+                n_prefix: 4,
                 max_frames: 250,
                 ..base
             },
@@ -172,7 +172,7 @@ impl PolicyConfig {
             + d * d + d // attention output
             + d * self.d_ff + self.d_ff // mlp in
             + self.d_ff * d + d; // mlp out
-        let cond = self.text_dim * self.n_prefix * d + self.n_prefix * d;
+        let cond = self.text_dim * d + d + d * self.n_prefix * d + self.n_prefix * d;
         let embeddings = self.vocab_size * d + self.max_positions() * d;
         let head = 2 * d + d * self.vocab_size + self.vocab_size;
         let factors = if self.factored_vocab {

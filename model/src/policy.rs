@@ -8,14 +8,15 @@
 //!                      logits at BOS .. y_{T-2}    ->   predict y_0 .. y_{T-1}
 //! ```
 //!
-//! The prefix is the caption embedding (from [`encore_corpus::text::TextEncoder`])
-//! projected to `n_prefix` vectors, the way MusicLM conditions on a MuLan
-//! embedding. Attention is causal over the whole sequence, so the prefix and
+//! The caption embedding (from [`encore_corpus::text::TextEncoder`]) is
+//! projected to a global conditioning vector added at every position, and
+//! from it to `n_prefix` soft-prompt vectors, the way MusicLM conditions on a
+//! MuLan embedding. Attention is causal over the whole sequence, so the prefix and
 //! each generated token are computed once and kept in a [`KvCache`] while
 //! sampling.
 
 use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, Linear, VarBuilder};
 
 use crate::{ModelError, PolicyConfig};
 
@@ -145,10 +146,39 @@ impl Attention {
     }
 }
 
+/// Layer norm with a choice of kernel. candle's fused layer norm (what
+/// `candle_nn::LayerNorm` runs on contiguous input) has no backward pass:
+/// used while training, it silently cuts the gradient to everything below
+/// it. Teacher forcing therefore runs the composed version; decoding, which
+/// never needs gradients, the fused one.
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Norm {
+    const EPS: f32 = 1e-5;
+
+    fn new(d: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(d, "weight", candle_nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(d, "bias", candle_nn::Init::Const(0.0))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
+        if fused {
+            candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, Self::EPS)
+        } else {
+            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, Self::EPS)
+        }
+    }
+}
+
 struct Block {
-    ln1: LayerNorm,
+    ln1: Norm,
     attn: Attention,
-    ln2: LayerNorm,
+    ln2: Norm,
     mlp_in: Linear,
     mlp_out: Linear,
 }
@@ -156,9 +186,9 @@ struct Block {
 impl Block {
     fn new(cfg: &PolicyConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            ln1: candle_nn::layer_norm(cfg.d_model, 1e-5, vb.pp("ln1"))?,
+            ln1: Norm::new(cfg.d_model, vb.pp("ln1"))?,
             attn: Attention::new(cfg, vb.pp("attn"))?,
-            ln2: candle_nn::layer_norm(cfg.d_model, 1e-5, vb.pp("ln2"))?,
+            ln2: Norm::new(cfg.d_model, vb.pp("ln2"))?,
             mlp_in: candle_nn::linear(cfg.d_model, cfg.d_ff, vb.pp("mlp_in"))?,
             mlp_out: candle_nn::linear(cfg.d_ff, cfg.d_model, vb.pp("mlp_out"))?,
         })
@@ -171,12 +201,13 @@ impl Block {
         rope: &Rope,
         cache: Option<&mut LayerCache>,
     ) -> candle_core::Result<Tensor> {
+        let fused = cache.is_some();
         let h = (x + self
             .attn
-            .forward(&self.ln1.forward(x)?, mask, rope, cache)?)?;
+            .forward(&self.ln1.forward(x, fused)?, mask, rope, cache)?)?;
         let m = self
             .mlp_out
-            .forward(&self.mlp_in.forward(&self.ln2.forward(&h)?)?.gelu()?)?;
+            .forward(&self.mlp_in.forward(&self.ln2.forward(&h, fused)?)?.gelu()?)?;
         h + m
     }
 }
@@ -249,7 +280,7 @@ pub struct Policy {
     factored: Option<Factored>,
     pos_emb: Embedding,
     blocks: Vec<Block>,
-    ln_f: LayerNorm,
+    ln_f: Norm,
     head: Linear,
     device: Device,
 }
@@ -277,14 +308,14 @@ impl Policy {
         };
         Ok(Self {
             cfg: cfg.clone(),
-            cond: candle_nn::linear(cfg.text_dim, cfg.n_prefix * d, vb.pp("cond"))?,
+            cond: candle_nn::linear(d, cfg.n_prefix * d, vb.pp("cond"))?,
             cond_global: candle_nn::linear(cfg.text_dim, d, vb.pp("cond_global"))?,
             rope: Rope::tables(cfg, vb.device())?,
             tok_emb: candle_nn::embedding(cfg.vocab_size, d, vb.pp("tok_emb"))?,
             factored,
             pos_emb: candle_nn::embedding(cfg.max_positions(), d, vb.pp("pos_emb"))?,
             blocks,
-            ln_f: candle_nn::layer_norm(d, 1e-5, vb.pp("ln_f"))?,
+            ln_f: Norm::new(d, vb.pp("ln_f"))?,
             head: candle_nn::linear(d, cfg.vocab_size, vb.pp("head"))?,
             device: vb.device().clone(),
         })
@@ -355,6 +386,7 @@ impl Policy {
             None
         };
         let rope = self.rope.window(past, l)?;
+        let fused = cache.is_some();
         match cache {
             Some(cache) => {
                 for (block, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
@@ -367,7 +399,7 @@ impl Policy {
                 }
             }
         }
-        self.logits(&self.ln_f.forward(&x)?)
+        self.logits(&self.ln_f.forward(&x, fused)?)
     }
 
     /// The global conditioning vector for caption embeddings `text`:
@@ -376,14 +408,15 @@ impl Policy {
         self.cond_global.forward(text)?.unsqueeze(1)
     }
 
-    /// The soft prompt for caption embeddings `text` (`[b, text_dim]`),
-    /// followed by the start token: `[b, n_prefix + 1, d]`.
-    fn prompt(&self, text: &Tensor) -> candle_core::Result<Tensor> {
-        let b = text.dim(0)?;
-        let prefix = self
-            .cond
-            .forward(text)?
-            .reshape((b, self.cfg.n_prefix, self.cfg.d_model))?;
+    /// The soft prompt for the global conditioning vectors `global`
+    /// (`[b, 1, d]`), followed by the start token: `[b, n_prefix + 1, d]`.
+    fn prompt(&self, global: &Tensor) -> candle_core::Result<Tensor> {
+        let b = global.dim(0)?;
+        let prefix = self.cond.forward(&global.squeeze(1)?)?.reshape((
+            b,
+            self.cfg.n_prefix,
+            self.cfg.d_model,
+        ))?;
         let bos = Tensor::full(encore_codec::BOS, (b, 1), &self.device)?;
         Tensor::cat(&[&prefix, &self.embed(&bos)?], 1)
     }
@@ -416,14 +449,15 @@ impl Policy {
     /// `i` is the distribution over `tokens[:, i]` given everything before it.
     pub fn forward(&self, tokens: &Tensor, text: &Tensor) -> Result<Tensor, ModelError> {
         let (_, t) = self.check_inputs(tokens, text)?;
-        let prompt = self.prompt(text)?;
+        let global = self.global(text)?;
+        let prompt = self.prompt(&global)?;
         let x = if t > 1 {
             let body = self.embed(&tokens.narrow(1, 0, t - 1)?)?;
             Tensor::cat(&[&prompt, &body], 1)?
         } else {
             prompt
         };
-        let logits = self.run(x, 0, &self.global(text)?, None)?;
+        let logits = self.run(x, 0, &global, None)?;
         Ok(logits.narrow(1, self.cfg.n_prefix, t)?)
     }
 
@@ -453,9 +487,9 @@ impl Policy {
     /// first audio token, `[b, vocab]`.
     pub fn start(&self, text: &Tensor) -> Result<(Tensor, KvCache), ModelError> {
         let mut cache = KvCache::new(self.cfg.n_layers, self.cfg.max_positions());
-        let prompt = self.prompt(text)?;
-        let l = prompt.dim(1)?;
         let global = self.global(text)?;
+        let prompt = self.prompt(&global)?;
+        let l = prompt.dim(1)?;
         let logits = self.run(prompt, 0, &global, Some(&mut cache))?;
         cache.global = Some(global);
         Ok((logits.narrow(1, l - 1, 1)?.squeeze(1)?, cache))

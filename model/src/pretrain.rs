@@ -33,6 +33,15 @@ pub struct PretrainConfig {
     pub weight_decay: f64,
     /// Clip the global gradient norm to this value.
     pub grad_clip: f64,
+    /// Sequence-length warm-up: the first `short_fraction` of the steps train
+    /// on the first `short_frames` frames of each clip, with proportionally
+    /// more clips per batch (the same tokens per step). What a prompt asks
+    /// for is decided once per clip, so short clips early teach the policy to
+    /// follow prompts from many more clips per second; the full-length steps
+    /// after them teach long-range structure. 0 turns it off.
+    pub short_frames: usize,
+    /// Fraction of the steps run at `short_frames`.
+    pub short_fraction: f64,
     /// Evaluate on held-out clips every this many steps (and at the end).
     pub eval_every: usize,
     /// Number of held-out clips in each evaluation.
@@ -51,15 +60,17 @@ impl Default for PretrainConfig {
     fn default() -> Self {
         Self {
             preset: Preset::Small,
-            steps: 1500,
-            batch_size: 16,
+            steps: 600,
+            batch_size: 8,
             learning_rate: 3e-3,
-            warmup_steps: 100,
+            warmup_steps: 50,
             weight_decay: 0.01,
             grad_clip: 1.0,
-            eval_every: 250,
-            eval_examples: 64,
-            checkpoint_every: 500,
+            short_frames: 64,
+            short_fraction: 0.6,
+            eval_every: 100,
+            eval_examples: 32,
+            checkpoint_every: 100,
             corpus_seed: 7,
             init_seed: 1,
             device: "cpu".into(),
@@ -90,10 +101,26 @@ impl PretrainConfig {
                 )));
             }
         }
+        if !(0.0..=1.0).contains(&self.short_fraction) {
+            return Err(ModelError::Config(
+                "short_fraction: must be in [0, 1]".into(),
+            ));
+        }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return Err(ModelError::Config("weight_decay: must be >= 0".into()));
         }
         Ok(())
+    }
+
+    /// Clip length and clips per batch at `step` for clips of `frames` frames.
+    pub fn shape_at(&self, step: usize, frames: usize) -> (usize, usize) {
+        let short_steps = (self.steps as f64 * self.short_fraction).round() as usize;
+        if self.short_frames > 0 && self.short_frames < frames && step < short_steps {
+            let batch = (self.batch_size * frames).div_ceil(self.short_frames);
+            (self.short_frames, batch)
+        } else {
+            (frames, self.batch_size)
+        }
     }
 
     /// Learning rate at `step` (0-based): linear warm-up, then cosine decay
@@ -237,8 +264,16 @@ pub fn pretrain(
 
     let started = Instant::now();
     let mut eval_history = Vec::new();
+    let mut next_example = 0u64;
+    let mut tokens_seen = 0usize;
     for step in 0..cfg.steps {
-        let examples = corpus.batch(Split::Train, (step * cfg.batch_size) as u64, cfg.batch_size);
+        let (length, batch) = cfg.shape_at(step, frames);
+        let mut examples = corpus.batch(Split::Train, next_example, batch);
+        next_example += batch as u64;
+        for e in &mut examples {
+            e.tokens.truncate(length);
+        }
+        tokens_seen += batch * length;
         let (tokens, text) = batch_tensors(&examples, &device)?;
         let loss = model.policy.loss(&tokens, &text)?;
         let mut grads = loss.backward()?;
@@ -282,7 +317,7 @@ pub fn pretrain(
             steps: cfg.steps,
             loss,
             learning_rate: lr,
-            tokens_per_second: (done * cfg.batch_size * frames) as f64 / elapsed.max(1e-9),
+            tokens_per_second: tokens_seen as f64 / elapsed.max(1e-9),
             eval_loss,
             checkpoint,
         });
@@ -294,7 +329,7 @@ pub fn pretrain(
         eval_history,
         unigram_entropy,
         final_eval_loss,
-        tokens_per_second: (cfg.steps * cfg.batch_size * frames) as f64 / seconds.max(1e-9),
+        tokens_per_second: tokens_seen as f64 / seconds.max(1e-9),
         seconds,
     })
 }
@@ -316,6 +351,22 @@ mod tests {
         assert!((cfg.learning_rate_at(10) - 1.0).abs() < 1e-12);
         assert!((cfg.learning_rate_at(100) - 0.1).abs() < 1e-12);
         assert!(cfg.learning_rate_at(50) < cfg.learning_rate_at(20));
+    }
+
+    #[test]
+    fn short_warm_up_keeps_tokens_per_step() {
+        let cfg = PretrainConfig {
+            steps: 10,
+            batch_size: 8,
+            short_frames: 64,
+            short_fraction: 0.6,
+            ..Default::default()
+        };
+        assert_eq!(cfg.shape_at(0, 256), (64, 32));
+        assert_eq!(cfg.shape_at(5, 256), (64, 32));
+        assert_eq!(cfg.shape_at(6, 256), (256, 8));
+        // Clips no longer than the warm-up length train at full length.
+        assert_eq!(cfg.shape_at(0, 64), (64, 8));
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let frames = args.frames.unwrap_or(cfg.max_frames).min(cfg.max_frames);
     let rate = bench::matmul_flops(&device, args.matmul_size, 5)?;
     let model = TrainablePolicy::fresh(&cfg, &device, 0)?;
-    let mut rows = bench::sampling(&model.policy, &args.batches, frames, rate)?;
+    let mut rows = bench::sampling(&model.frozen()?, &args.batches, frames, rate)?;
     rows.push(bench::training(
         &cfg,
         &device,

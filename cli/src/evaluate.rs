@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use encore_model::follow::FollowReport;
-use encore_model::{SamplingParams, TrainablePolicy, follow};
+use encore_model::{SamplingParams, follow};
 
 /// Flags of `encore evaluate`.
 #[derive(Debug, Args)]
@@ -31,13 +31,12 @@ pub struct EvaluateArgs {
 
 pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
     let device = encore_model::device(&args.device)?;
-    let (model, _) = TrainablePolicy::load(&args.checkpoint, &device)?;
+    let (policy, _) = encore_model::load_frozen(&args.checkpoint, &device)?;
     let params = SamplingParams {
         seed: args.seed,
         ..Default::default()
     };
-    let report =
-        follow::prompt_following(&model.policy, args.prompts, args.prompt_seed, 32, &params)?;
+    let report = follow::prompt_following(&policy, args.prompts, args.prompt_seed, 32, &params)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

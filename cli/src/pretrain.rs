@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 use encore_model::pretrain::{PretrainConfig, pretrain};
-use encore_model::{Preset, SamplingParams, TrainablePolicy, follow};
+use encore_model::{Preset, SamplingParams, follow};
 use serde::Serialize;
 
 /// Flags of `encore pretrain`; unset ones fall back to the config file,
@@ -120,9 +120,9 @@ pub fn run(config: Option<&Path>, args: PretrainArgs) -> anyhow::Result<()> {
 
     let follow_report = if args.follow_prompts > 0 {
         let device = encore_model::device(&cfg.device)?;
-        let (model, _) = TrainablePolicy::load(&args.out, &device)?;
+        let (policy, _) = encore_model::load_frozen(&args.out, &device)?;
         let f = follow::prompt_following(
-            &model.policy,
+            &policy,
             args.follow_prompts,
             1,
             32,

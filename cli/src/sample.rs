@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use encore_model::{SamplingParams, TrainablePolicy, embed_captions, sample};
+use encore_model::{SamplingParams, embed_captions, sample};
 use serde::{Deserialize, Serialize};
 
 /// The `[sample]` configuration section.
@@ -92,9 +92,9 @@ pub fn run(config: Option<&Path>, args: SampleArgs) -> anyhow::Result<()> {
         anyhow::bail!("count: must be at least 1");
     }
     let device = encore_model::device(&cfg.device)?;
-    let (model, _) = TrainablePolicy::load(&args.checkpoint, &device)
+    let (policy, _) = encore_model::load_frozen(&args.checkpoint, &device)
         .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
-    let max = model.policy.config().max_frames;
+    let max = policy.config().max_frames;
     let frames = match cfg.seconds {
         None => max,
         Some(s) if s.is_finite() && s > 0.0 => {
@@ -110,7 +110,7 @@ pub fn run(config: Option<&Path>, args: SampleArgs) -> anyhow::Result<()> {
     };
     let text = embed_captions(&vec![args.prompt.as_str(); cfg.count], &device)?;
     let started = std::time::Instant::now();
-    let samples = sample(&model.policy, &text, frames, &params)?;
+    let samples = sample(&policy, &text, frames, &params)?;
     tracing::info!(
         clips = cfg.count,
         frames,

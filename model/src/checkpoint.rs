@@ -5,6 +5,7 @@
 //! is renamed over the target only once complete, so a reader (or a restart
 //! after a crash) sees either the old checkpoint or the new one, never half.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -88,6 +89,23 @@ impl TrainablePolicy {
         })
     }
 
+    /// A copy of the policy over detached weights: candle records no
+    /// backward graph for it, which makes decoding cheaper. Use it for
+    /// sampling and for the frozen reference policy; it shares no storage
+    /// with `self`, so later training steps do not change it.
+    pub fn frozen(&self) -> Result<Policy, ModelError> {
+        let tensors = self
+            .named_tensors()
+            .into_iter()
+            .map(|(name, t)| Ok((name, t.detach().copy()?)))
+            .collect::<Result<HashMap<_, _>, ModelError>>()?;
+        let device = self.policy.device().clone();
+        Policy::new(
+            self.policy.config(),
+            VarBuilder::from_tensors(tensors, DType::F32, &device),
+        )
+    }
+
     /// Every parameter by name, in name order (for comparisons and hashing).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let data = self.vars.data().lock().expect("var map lock poisoned");
@@ -98,6 +116,30 @@ impl TrainablePolicy {
         named.sort_by(|a, b| a.0.cmp(&b.0));
         named
     }
+}
+
+/// Loads a checkpoint for inference only (sampling, evaluation, the frozen
+/// reference): no variables, no backward graph.
+pub fn load_frozen(dir: &Path, device: &Device) -> Result<(Policy, CheckpointConfig), ModelError> {
+    let config = read_config(dir)?;
+    let weights = dir.join(WEIGHTS_FILE);
+    let tensors =
+        candle_core::safetensors::load(&weights, device).map_err(|e| ModelError::Checkpoint {
+            path: weights.clone(),
+            reason: e.to_string(),
+        })?;
+    let policy = Policy::new(
+        &config.policy,
+        VarBuilder::from_tensors(tensors, DType::F32, device),
+    )
+    .map_err(|e| match e {
+        ModelError::Tensor(e) => ModelError::Checkpoint {
+            path: weights.clone(),
+            reason: e.to_string(),
+        },
+        other => other,
+    })?;
+    Ok((policy, config))
 }
 
 /// Reads and validates `config.json` from a checkpoint directory.

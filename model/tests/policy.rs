@@ -299,3 +299,20 @@ fn every_parameter_receives_a_gradient() {
         );
     }
 }
+
+#[test]
+fn frozen_copies_and_inference_loads_match_the_trainable_policy() {
+    let model = tiny(12);
+    let dir = tempfile::tempdir().unwrap();
+    model.save(dir.path(), serde_json::Value::Null).unwrap();
+    let text = embed_captions(&captions(), &Device::Cpu).unwrap();
+    let params = SamplingParams {
+        seed: 3,
+        ..Default::default()
+    };
+    let reference = sample(&model.policy, &text, 20, &params).unwrap();
+    let frozen = model.frozen().unwrap();
+    assert_eq!(sample(&frozen, &text, 20, &params).unwrap(), reference);
+    let (loaded, _) = encore_model::load_frozen(dir.path(), &Device::Cpu).unwrap();
+    assert_eq!(sample(&loaded, &text, 20, &params).unwrap(), reference);
+}

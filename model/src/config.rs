@@ -155,7 +155,7 @@ impl PolicyConfig {
                 self.vocab_size
             )));
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(ModelError::Config(format!(
                 "n_heads: {} does not divide d_model {}",
                 self.n_heads, self.d_model

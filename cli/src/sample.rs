@@ -124,7 +124,7 @@ pub fn run(config: Option<&Path>, args: SampleArgs) -> anyhow::Result<()> {
         } else {
             numbered(&args.out, i + 1)
         };
-        let audio = encore_codec::render(tokens)?;
+        let audio = normalise(encore_codec::render(tokens)?);
         encore_codec::write_wav(&path, &audio)?;
         let a = encore_corpus::analysis::analyze(tokens);
         println!(
@@ -141,6 +141,18 @@ pub fn run(config: Option<&Path>, args: SampleArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Scales a clip so its peak sits at -1 dBFS. The codec leaves headroom for
+/// loud notes, which makes single clips quiet to listen to; reward models
+/// score the codec's own levels, so only files written for people are scaled.
+fn normalise(mut audio: Vec<f32>) -> Vec<f32> {
+    let peak = audio.iter().fold(0f32, |m, x| m.max(x.abs()));
+    if peak > 1e-6 {
+        let gain = 0.89 / peak;
+        audio.iter_mut().for_each(|x| *x *= gain);
+    }
+    audio
 }
 
 fn numbered(path: &Path, n: usize) -> PathBuf {

@@ -35,13 +35,13 @@ pub struct PolicyConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Preset {
-    /// About 0.2 M parameters, 64-frame (2.6 s) clips: seconds on a CPU.
+    /// 0.36 M parameters, 64-frame (2.6 s) clips: seconds on a CPU.
     Tiny,
-    /// About 2.6 M parameters, 250-frame (10 s) clips: minutes on a CPU.
+    /// 1.4 M parameters, 250-frame (10 s) clips: minutes on a CPU.
     Small,
-    /// About 40 M parameters, 750-frame (30 s) clips: one GPU.
+    /// 44 M parameters, 750-frame (30 s) clips: one GPU.
     Medium,
-    /// About 300 M parameters, 750-frame (30 s) clips: GPUs.
+    /// 324 M parameters, 750-frame (30 s) clips: GPUs.
     Large,
 }
 

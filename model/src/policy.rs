@@ -287,7 +287,8 @@ pub struct Policy {
 
 impl Policy {
     /// Builds the policy; parameter names come from the `vb` prefixes
-    /// (`cond`, `tok_emb`, `pos_emb`, `blocks.N.*`, `ln_f`, `head`).
+    /// (`cond_global`, `cond`, `tok_emb`, `pos_emb`, `blocks.N.*`, `ln_f`,
+    /// `head`, and `factor_emb`, `factor_head` with a factored vocabulary).
     pub fn new(cfg: &PolicyConfig, vb: VarBuilder) -> Result<Self, ModelError> {
         cfg.validate()?;
         let d = cfg.d_model;

@@ -316,3 +316,14 @@ fn frozen_copies_and_inference_loads_match_the_trainable_policy() {
     let (loaded, _) = encore_model::load_frozen(dir.path(), &Device::Cpu).unwrap();
     assert_eq!(sample(&loaded, &text, 20, &params).unwrap(), reference);
 }
+
+#[test]
+fn parameter_count_matches_the_built_model() {
+    let model = TrainablePolicy::fresh(&Preset::Small.config(), &Device::Cpu, 0).unwrap();
+    let built: usize = model
+        .named_tensors()
+        .iter()
+        .map(|(_, t)| t.elem_count())
+        .sum();
+    assert_eq!(built, Preset::Small.config().parameter_count());
+}

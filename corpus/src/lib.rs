@@ -109,17 +109,9 @@ impl Corpus {
             Split::Train => DOMAIN_TRAIN,
             Split::Eval => DOMAIN_EVAL,
         };
-        let mut rng = self.rng(domain, index);
-        let attributes = Attributes::sample(&mut rng);
-        let (caption, mentioned) = caption::caption(&attributes, &mut rng);
-        let tokens = compose::compose(&attributes, self.frames, &mut rng);
-        Example {
-            index,
-            caption,
-            attributes,
-            mentioned,
-            tokens,
-        }
+        self.draw(domain, index, |attributes, rng| {
+            caption::caption(attributes, rng)
+        })
     }
 
     /// Examples `start..start + n` of `split`.
@@ -141,19 +133,32 @@ impl Corpus {
         };
         (0..n as u64)
             .map(|index| {
-                let mut rng = self.rng(DOMAIN_PROMPTS, index);
-                let attributes = Attributes::sample(&mut rng);
-                let (caption, mentioned) = caption::caption_mentioning(&attributes, must, &mut rng);
-                let tokens = compose::compose(&attributes, self.frames, &mut rng);
-                Example {
-                    index,
-                    caption,
-                    attributes,
-                    mentioned,
-                    tokens,
-                }
+                self.draw(DOMAIN_PROMPTS, index, |attributes, rng| {
+                    caption::caption_mentioning(attributes, must, rng)
+                })
             })
             .collect()
+    }
+
+    /// Example `index` of the stream `domain`: attributes, then the caption
+    /// written by `write_caption`, then the clip, all from one random stream.
+    fn draw(
+        &self,
+        domain: u64,
+        index: u64,
+        write_caption: impl FnOnce(&Attributes, &mut ChaCha8Rng) -> (String, Mentioned),
+    ) -> Example {
+        let mut rng = self.rng(domain, index);
+        let attributes = Attributes::sample(&mut rng);
+        let (caption, mentioned) = write_caption(&attributes, &mut rng);
+        let tokens = compose::compose(&attributes, self.frames, &mut rng);
+        Example {
+            index,
+            caption,
+            attributes,
+            mentioned,
+            tokens,
+        }
     }
 
     /// The random stream of one example: ChaCha8 keyed by the seed and the

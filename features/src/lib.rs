@@ -70,8 +70,10 @@ pub struct LogMel {
     cfg: LogMelConfig,
     fft: Arc<dyn RealToComplex<f32>>,
     window: Vec<f32>,
-    /// `[n_mels][n_fft / 2 + 1]` triangular filter weights.
-    filters: Vec<Vec<f32>>,
+    /// Triangular filters as (first FFT bin, weights of the bins it
+    /// covers): each spans a few bins, so storing only those keeps the
+    /// filterbank from dominating the cost of a frame.
+    filters: Vec<(usize, Vec<f32>)>,
 }
 
 /// Hz to HTK mel.
@@ -117,7 +119,7 @@ impl LogMel {
         let filters = (0..cfg.n_mels)
             .map(|m| {
                 let (left, centre, right) = (edges[m], edges[m + 1], edges[m + 2]);
-                (0..bins)
+                let dense: Vec<f32> = (0..bins)
                     .map(|k| {
                         let f = bin_hz(k);
                         if f <= left || f >= right {
@@ -128,7 +130,10 @@ impl LogMel {
                             (right - f) / (right - centre)
                         }
                     })
-                    .collect()
+                    .collect();
+                let first = dense.iter().position(|&w| w > 0.0).unwrap_or(0);
+                let last = dense.iter().rposition(|&w| w > 0.0).unwrap_or(0);
+                (first, dense[first..=last.max(first)].to_vec())
             })
             .collect();
         Ok(Self {
@@ -183,8 +188,8 @@ impl LogMel {
             for (p, c) in power.iter_mut().zip(&spectrum) {
                 *p = c.norm_sqr();
             }
-            for filter in &self.filters {
-                let energy: f32 = filter.iter().zip(&power).map(|(w, p)| w * p).sum();
+            for (first, weights) in &self.filters {
+                let energy: f32 = weights.iter().zip(&power[*first..]).map(|(w, p)| w * p).sum();
                 out.push((energy + self.cfg.floor).ln());
             }
         }
@@ -298,8 +303,12 @@ mod tests {
                     re * re + im * im
                 })
                 .collect();
-            for (m, filter) in lm.filters.iter().enumerate() {
-                let energy: f64 = filter.iter().zip(&power).map(|(w, p)| *w as f64 * p).sum();
+            for (m, (first, filter)) in lm.filters.iter().enumerate() {
+                let energy: f64 = filter
+                    .iter()
+                    .zip(&power[*first..])
+                    .map(|(w, p)| *w as f64 * p)
+                    .sum();
                 let direct = (energy + cfg.floor as f64).ln();
                 let got = fast[f * cfg.n_mels + m] as f64;
                 assert!(

@@ -1,44 +1,48 @@
-//! Logging set-up shared by every Encore process: `tracing` with an
-//! `RUST_LOG`-style filter, as human-readable text or as JSON lines for log
-//! collectors.
+//! Observability and lifecycle plumbing shared by every long-running Encore
+//! process (coordinator, actors, learners, reward servers), so that each of
+//! them logs, exports metrics, reports health and shuts down the same way.
+//!
+//! - [`logging`]: the `tracing` subscriber ([`init`], [`LogFormat`]).
+//! - [`metrics`]: Prometheus metrics, registered per subsystem under the
+//!   `encore_<subsystem>_<what>_<unit>` naming rule ([`Subsystem`]).
+//! - [`admin`]: the HTTP admin server beside each gRPC server: `/metrics`,
+//!   `/healthz` and `/readyz` ([`serve_admin`], [`Readiness`]).
+//! - [`shutdown`]: SIGTERM / SIGINT turned into a
+//!   [`CancellationToken`](tokio_util::sync::CancellationToken) that every
+//!   loop selects on ([`shutdown_token`]).
+//! - [`grpc`]: the standard gRPC health and reflection services that each
+//!   tonic server adds next to its own ([`grpc_health`], [`grpc_reflection`]).
+//!
+//! A process wires them up once at start-up, roughly:
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), encore_telemetry::Error> {
+//! use encore_telemetry::{AdminState, Readiness, serve_admin, shutdown_token};
+//!
+//! let shutdown = shutdown_token()?;
+//! let readiness = Readiness::new();
+//! let state = AdminState::new(encore_telemetry::registry().clone(), readiness.clone());
+//! let (admin_addr, admin) = serve_admin("0.0.0.0:9090".parse().unwrap(), state, shutdown.clone()).await?;
+//! // ... start the gRPC server with `shutdown.cancelled()` as its shutdown future ...
+//! readiness.set_ready();
+//! shutdown.cancelled().await;
+//! readiness.set_not_ready("shutting down");
+//! admin.await.ok();
+//! # let _ = admin_addr;
+//! # Ok(())
+//! # }
+//! ```
 
-use serde::{Deserialize, Serialize};
-use tracing_subscriber::EnvFilter;
+pub mod admin;
+mod error;
+pub mod grpc;
+pub mod logging;
+pub mod metrics;
+pub mod shutdown;
 
-/// How log lines are written to stderr.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-impl std::str::FromStr for LogFormat {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "text" => Ok(LogFormat::Text),
-            "json" => Ok(LogFormat::Json),
-            other => Err(format!("log format: expected text or json, got {other:?}")),
-        }
-    }
-}
-
-/// Installs the global subscriber. The filter comes from `RUST_LOG`, else
-/// `default_filter` (e.g. `"info"`). Calling it twice is harmless: the second
-/// call keeps the first subscriber.
-pub fn init(format: LogFormat, default_filter: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-}
+pub use admin::{AdminState, Readiness, ReadyState, serve_admin};
+pub use error::{Error, Result};
+pub use grpc::{grpc_health, grpc_reflection};
+pub use logging::{LogFormat, init};
+pub use metrics::{Label, Subsystem, registry};
+pub use shutdown::{ShutdownSignal, Signals, cancel_on, shutdown_token, wait_for_shutdown};

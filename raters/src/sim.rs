@@ -75,12 +75,11 @@ pub const WEIGHT_SPREAD: f32 = 0.2;
 /// piano, guitar, violin, flute, accordion, marimba, trumpet, synth.
 /// Timbre is the easiest thing to hear: the warm, familiar instruments are
 /// liked, the reedy accordion and the buzzy synth lead are not.
-pub const INSTRUMENT_AFFINITY: [f32; NUM_INSTRUMENTS] =
-    [0.45, 0.25, 0.3, 0.15, -0.45, 0.0, -0.05, -0.4];
+pub const INSTRUMENT_AFFINITY: [f32; NUM_INSTRUMENTS] = [0.9, 0.5, 0.6, 0.3, -0.9, 0.0, -0.1, -0.8];
 /// Spread of a persona's liking of each instrument around the mean.
-pub const INSTRUMENT_SPREAD: f32 = 0.15;
+pub const INSTRUMENT_SPREAD: f32 = 0.3;
 /// Weight of the register term: `REGISTER_WEIGHT * bump(median pitch)`.
-pub const REGISTER_WEIGHT: f32 = 1.0;
+pub const REGISTER_WEIGHT: f32 = 1.5;
 /// Mean preferred median MIDI pitch (E4: between the middle and high
 /// registers; the low register, around A2, sounds muddy).
 pub const PREFERRED_PITCH: f32 = 64.0;
@@ -89,11 +88,11 @@ pub const PITCH_SPREAD: f32 = 4.0;
 /// Width (sd of the Gaussian bump) of the register preference, semitones.
 pub const PITCH_WIDTH: f32 = 9.0;
 /// Mean utility of all-loud over all-soft playing, per unit loud fraction.
-pub const LOUDNESS_WEIGHT: f32 = 0.3;
+pub const LOUDNESS_WEIGHT: f32 = 0.6;
 /// Spread of a persona's loudness preference (some prefer soft playing).
-pub const LOUDNESS_SPREAD: f32 = 0.25;
+pub const LOUDNESS_SPREAD: f32 = 0.4;
 /// Weight of the note-rate term: `RATE_WEIGHT * bump(log2 notes per second)`.
-pub const RATE_WEIGHT: f32 = 0.5;
+pub const RATE_WEIGHT: f32 = 1.0;
 /// Mean preferred note rate, log2 notes per second (3 notes a second; the
 /// corpus spans about 0.6 to 10).
 pub const PREFERRED_RATE: f32 = 1.585;

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod evaluate;
 mod pretrain;
+mod reward;
 mod sample;
 
 /// Fine-tune music generation models on human preferences.
@@ -40,6 +41,8 @@ pub enum Command {
     Evaluate(evaluate::EvaluateArgs),
     /// Measure sampling and training throughput against the arithmetic limit.
     Bench(bench::BenchArgs),
+    /// Reward models: simulated-rater datasets, training, serving.
+    Reward(reward::RewardArgs),
 }
 
 /// Runs a parsed command line.
@@ -50,6 +53,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sample(args) => sample::run(config, args),
         Command::Evaluate(args) => evaluate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Reward(args) => reward::run(config, args),
     }
 }
 

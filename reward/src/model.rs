@@ -514,13 +514,7 @@ mod tests {
 
     fn tiny(kind: RewardKind) -> RewardConfig {
         let mut cfg = RewardConfig::new(kind);
-        cfg.arch = ArchConfig {
-            channels: 16,
-            dilations: vec![1, 2],
-            embed_dim: 16,
-            hidden: 16,
-            ..ArchConfig::default()
-        };
+        cfg.arch = ArchConfig::tiny();
         cfg.min_tokens = 1;
         cfg
     }

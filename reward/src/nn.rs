@@ -50,6 +50,18 @@ impl Default for ArchConfig {
 }
 
 impl ArchConfig {
+    /// A narrow tower (16 channels, two blocks) that scores in
+    /// milliseconds: for tests of the code around the models.
+    pub fn tiny() -> Self {
+        Self {
+            channels: 16,
+            dilations: vec![1, 2],
+            embed_dim: 16,
+            hidden: 16,
+            ..ArchConfig::default()
+        }
+    }
+
     /// Receptive field of the audio tower, in token frames.
     pub fn receptive_field(&self) -> usize {
         self.stride * self.receptive_rows()

@@ -355,15 +355,21 @@ impl RewardModel {
 
     /// Scores clips: one finite score per input, in order.
     ///
-    /// The front end runs over the whole batch in parallel; the network
-    /// then runs [`NET_CHUNK`] clips at a time, which keeps its activations
-    /// in the CPU caches (a 64-clip pass costs more per clip than eight
-    /// 8-clip ones).
+    /// The front end runs over the whole batch in parallel; on the CPU the
+    /// network then runs [`NET_CHUNK`] clips at a time, which keeps its
+    /// activations in the caches (a 64-clip pass costs more per clip than
+    /// eight 8-clip ones); on a GPU it runs the whole batch at once.
     pub fn score(&self, items: &[ScoreInput<'_>]) -> Result<Vec<f32>, RewardError> {
         let clips: Vec<&[u32]> = items.iter().map(|i| i.tokens).collect();
         let rows = self.frontend.clips(&clips)?;
+        // An accelerator wants the whole batch in one pass.
+        let per_pass = if self.device.is_cpu() {
+            NET_CHUNK
+        } else {
+            items.len().max(1)
+        };
         let mut scores = Vec::with_capacity(items.len());
-        for (chunk, rows) in items.chunks(NET_CHUNK).zip(rows.chunks(NET_CHUNK)) {
+        for (chunk, rows) in items.chunks(per_pass).zip(rows.chunks(per_pass)) {
             let rows: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
             let features = Features::stack(&rows, self.frontend.width());
             let captions: Vec<&str> = chunk.iter().map(|i| i.caption).collect();

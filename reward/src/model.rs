@@ -580,6 +580,43 @@ mod tests {
     }
 
     #[test]
+    fn a_preference_model_can_start_from_a_quality_models_audio_tower() {
+        let source = RewardModel::fresh(tiny(RewardKind::Quality), &Device::Cpu, 1).unwrap();
+        let mut target = RewardModel::fresh(tiny(RewardKind::Preference), &Device::Cpu, 2).unwrap();
+        let weight = |m: &RewardModel, name: &str| -> Vec<f32> {
+            let data = m.vars().data().lock().unwrap();
+            data[name]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        assert_ne!(
+            weight(&source, "audio.stem.weight"),
+            weight(&target, "audio.stem.weight")
+        );
+        let head_before = weight(&target, "head.out.weight");
+        target.adopt_audio_tower(&source).unwrap();
+        assert_eq!(
+            weight(&source, "audio.stem.weight"),
+            weight(&target, "audio.stem.weight")
+        );
+        assert_eq!(
+            weight(&source, "audio.proj.weight"),
+            weight(&target, "audio.proj.weight")
+        );
+        // Only the audio tower moves; the head keeps its own weights.
+        assert_eq!(head_before, weight(&target, "head.out.weight"));
+
+        let mut wider = tiny(RewardKind::Preference);
+        wider.arch.channels = 24;
+        let mut other = RewardModel::fresh(wider, &Device::Cpu, 3).unwrap();
+        let err = other.adopt_audio_tower(&source).err().unwrap();
+        assert!(err.to_string().contains("init_audio"), "{err}");
+    }
+
+    #[test]
     fn a_corrupt_checkpoint_is_an_error_that_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(CONFIG_FILE), b"{not json").unwrap();

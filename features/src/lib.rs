@@ -189,7 +189,11 @@ impl LogMel {
                 *p = c.norm_sqr();
             }
             for (first, weights) in &self.filters {
-                let energy: f32 = weights.iter().zip(&power[*first..]).map(|(w, p)| w * p).sum();
+                let energy: f32 = weights
+                    .iter()
+                    .zip(&power[*first..])
+                    .map(|(w, p)| w * p)
+                    .sum();
                 out.push((energy + self.cfg.floor).ln());
             }
         }

@@ -57,7 +57,25 @@ pub use error::{Error, Result};
 pub use server::{RunningServer, SERVICE_NAME, ServerBuilder, load_models, serve};
 pub use service::DEADLINE_MARGIN;
 
+use encore_corpus::{Corpus, Split};
+use encore_proto::v1::ScoreItem;
 use tokio_util::sync::CancellationToken;
+
+/// `n` clips of `frames` tokens from the synthetic corpus's eval split (of
+/// corpus `seed`, from example `start` on), as Score items: realistic input
+/// for tests, the load bench and the example client.
+pub fn corpus_items(seed: u64, frames: usize, start: u64, n: usize) -> Vec<ScoreItem> {
+    let corpus = Corpus::new(seed, frames);
+    (start..start + n as u64)
+        .map(|i| {
+            let ex = corpus.example(Split::Eval, i);
+            ScoreItem {
+                caption: ex.caption,
+                tokens: ex.tokens,
+            }
+        })
+        .collect()
+}
 
 /// Runs the server the way the `encore-reward-server` binary does: reads
 /// the configuration from `flags` (and the file and environment they point

@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     let clips: Vec<&[u32]> = examples.iter().map(|e| e.tokens.as_slice()).collect();
+    let captions: Vec<&str> = examples.iter().map(|e| e.caption.as_str()).collect();
     println!("ms per clip      features   train step   network at batch 1 / 4 / 8 / 16 / 64");
     for kind in RewardKind::ALL {
         let model = RewardModel::fresh(RewardConfig::new(kind), &Device::Cpu, 0)?;
@@ -32,7 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t = Instant::now();
         let reps = 3;
         for _ in 0..reps {
-            let s = encore_reward::train::debug_score(&model, &all, &items)?;
+            let s = model.score_features(&all, &captions)?;
             let _ = s.sum_all()?.backward()?;
         }
         let step = t.elapsed().as_secs_f64() / (reps * 64) as f64;
@@ -45,7 +46,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         &r.iter().map(Vec::as_slice).collect::<Vec<_>>(),
                         model.frontend().width(),
                     );
-                    encore_reward::train::debug_score(&model, &f, c)?;
+                    let caps: Vec<&str> = c.iter().map(|i| i.caption).collect();
+                    model.score_features(&f, &caps)?;
                 }
             }
             net.push(t.elapsed().as_secs_f64() / (reps * 64) as f64);

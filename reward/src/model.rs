@@ -392,8 +392,9 @@ impl RewardModel {
         )?)
     }
 
-    /// Scores of precomputed features, `[b]`, differentiable.
-    pub(crate) fn score_features(
+    /// Scores of precomputed features (one caption per clip), `[b]`,
+    /// differentiable: the training objectives are built on it.
+    pub fn score_features(
         &self,
         features: &Features,
         captions: &[&str],

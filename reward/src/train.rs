@@ -812,14 +812,3 @@ pub fn describe(report: &TrainReport) -> String {
         report.kind, report.train_examples
     )
 }
-
-/// Scores of precomputed features with gradients, for the speed example.
-#[doc(hidden)]
-pub fn debug_score(
-    model: &RewardModel,
-    features: &Features,
-    items: &[crate::ScoreInput],
-) -> Result<Tensor, RewardError> {
-    let caps: Vec<&str> = items.iter().map(|i| i.caption).collect();
-    model.score_features(features, &caps)
-}

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use candle_core::Device;
 use clap::Parser;
-use encore_corpus::{Corpus, Split};
 use encore_proto::v1::reward_service_client::RewardServiceClient;
 use encore_proto::v1::{ScoreItem, ScoreRequest};
 use encore_reward::{RewardConfig, RewardKind, RewardModel, ScoreInput};
@@ -78,7 +77,12 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     encore_telemetry::init(encore_telemetry::LogFormat::Text, "warn");
     let device = encore_model::device(&args.device)?;
-    let clips = Arc::new(clips(args.frames, 512));
+    let clips = Arc::new(encore_reward_server::corpus_items(
+        2024,
+        args.frames,
+        0,
+        512,
+    ));
 
     if args.profile || args.profile_only {
         profile(&args, &device, &clips)?;
@@ -130,20 +134,6 @@ async fn main() -> anyhow::Result<()> {
     }
     print_table(&args, &outcomes);
     Ok(())
-}
-
-/// `n` distinct realistic clips.
-fn clips(frames: usize, n: usize) -> Vec<ScoreItem> {
-    let corpus = Corpus::new(2024, frames);
-    (0..n as u64)
-        .map(|i| {
-            let ex = corpus.example(Split::Eval, i);
-            ScoreItem {
-                caption: ex.caption,
-                tokens: ex.tokens,
-            }
-        })
-        .collect()
 }
 
 /// One model per kind, named after the kind.

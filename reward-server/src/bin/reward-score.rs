@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use encore_corpus::{Corpus, Split};
 use encore_proto::v1::reward_service_client::RewardServiceClient;
 use encore_proto::v1::{ScoreItem, ScoreRequest};
 use serde::{Deserialize, Serialize};
@@ -204,9 +203,7 @@ fn write_examples(path: &Path, n: usize, frames: usize, seed: u64) -> anyhow::Re
     let file =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut out = BufWriter::new(file);
-    let corpus = Corpus::new(seed, frames);
-    for i in 0..n as u64 {
-        let ex = corpus.example(Split::Eval, i);
+    for ex in encore_reward_server::corpus_items(seed, frames, 0, n) {
         let item = Item {
             caption: ex.caption,
             tokens: ex.tokens,

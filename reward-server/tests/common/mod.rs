@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use candle_core::Device;
-use encore_corpus::{Corpus, Split};
 use encore_proto::v1::reward_service_client::RewardServiceClient;
 use encore_proto::v1::{ScoreItem, ScoreRequest};
 use encore_reward::{ArchConfig, RewardConfig, RewardKind, RewardModel};
@@ -170,16 +169,7 @@ pub fn metric_value(text: &str, sample: &str) -> f64 {
 
 /// `n` corpus clips of `frames` tokens as Score items, starting at `start`.
 pub fn clips(frames: usize, start: u64, n: usize) -> Vec<ScoreItem> {
-    let corpus = Corpus::new(17, frames);
-    (start..start + n as u64)
-        .map(|i| {
-            let ex = corpus.example(Split::Eval, i);
-            ScoreItem {
-                caption: ex.caption,
-                tokens: ex.tokens,
-            }
-        })
-        .collect()
+    encore_reward_server::corpus_items(17, frames, start, n)
 }
 
 /// A request for `items` with the named models.

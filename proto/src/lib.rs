@@ -20,6 +20,8 @@
 
 #![deny(missing_docs)]
 
+pub mod status;
+
 /// Generated messages, enums, clients (`*_client`) and servers (`*_server`)
 /// of package `encore.v1`.
 #[allow(clippy::all, clippy::pedantic)]

@@ -4,28 +4,16 @@
 //! `BadRequest`, `RetryInfo`) that `proto/encore/v1/common.proto` promises,
 //! decided in this one place.
 
-use std::collections::HashMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use encore_proto::status::status;
+pub use encore_proto::status::{ERROR_DOMAIN, MAX_VIOLATIONS, Violation, Violations, reason_name};
 use encore_proto::v1::ErrorReason;
 use encore_reward::RewardError;
 use tonic::Code;
-use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
-
-/// `ErrorInfo.domain` of every Encore error.
-pub const ERROR_DOMAIN: &str = "encore.v1";
-
-/// Most field violations one error carries; the rest are counted. Keeps the
-/// `grpc-status-details-bin` trailer well inside HTTP/2 header limits when a
-/// request is wrong everywhere.
-pub const MAX_VIOLATIONS: usize = 64;
-
-/// Fields named in the status message; the BadRequest details list up to
-/// [`MAX_VIOLATIONS`].
-const MESSAGE_FIELDS: usize = 8;
+use tonic_types::StatusExt;
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -117,99 +105,6 @@ impl From<encore_telemetry::Error> for Error {
     }
 }
 
-/// One bad field of a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Violation {
-    /// Path of the field, e.g. `items[3].tokens[17]`.
-    pub field: String,
-    /// What kind of problem it is.
-    pub reason: ErrorReason,
-    /// What is wrong, for humans.
-    pub description: String,
-}
-
-/// Every bad field of a request, in request order: the first
-/// [`MAX_VIOLATIONS`] in full, the rest counted.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Violations {
-    listed: Vec<Violation>,
-    omitted: usize,
-}
-
-impl Violations {
-    /// Records a bad field.
-    pub fn push(&mut self, field: String, reason: ErrorReason, description: String) {
-        if self.listed.len() < MAX_VIOLATIONS {
-            self.listed.push(Violation {
-                field,
-                reason,
-                description,
-            });
-        } else {
-            self.omitted += 1;
-        }
-    }
-
-    /// Whether no field is bad.
-    pub fn is_empty(&self) -> bool {
-        self.listed.is_empty()
-    }
-
-    /// The violations carried in full.
-    pub fn listed(&self) -> &[Violation] {
-        &self.listed
-    }
-
-    /// Number of bad fields in all.
-    pub fn total(&self) -> usize {
-        self.listed.len() + self.omitted
-    }
-
-    /// The reason the status's ErrorInfo carries: that of the first bad
-    /// field (models are checked before items).
-    pub fn reason(&self) -> ErrorReason {
-        self.listed
-            .first()
-            .map_or(ErrorReason::InvalidField, |v| v.reason)
-    }
-}
-
-impl fmt::Display for Violations {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let total = self.total();
-        write!(
-            f,
-            "invalid request, {total} bad field{}: ",
-            if total == 1 { "" } else { "s" }
-        )?;
-        for (i, v) in self.listed.iter().take(MESSAGE_FIELDS).enumerate() {
-            if i > 0 {
-                f.write_str("; ")?;
-            }
-            write!(f, "{}: {}", v.field, v.description)?;
-        }
-        if total > MESSAGE_FIELDS {
-            write!(f, "; and {} more", total - MESSAGE_FIELDS)?;
-        }
-        Ok(())
-    }
-}
-
-/// The name an `ErrorInfo.reason` carries: the enum value's name without its
-/// `ERROR_REASON_` prefix.
-pub fn reason_name(reason: ErrorReason) -> &'static str {
-    let name = reason.as_str_name();
-    name.strip_prefix("ERROR_REASON_").unwrap_or(name)
-}
-
-fn error_info(details: &mut ErrorDetails, reason: ErrorReason, metadata: &[(&str, String)]) {
-    let metadata: HashMap<String, String> = metadata
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), v.clone()))
-        .collect();
-    details.set_error_info(reason_name(reason), ERROR_DOMAIN, metadata);
-}
-
 impl Error {
     /// The gRPC code this error is answered with.
     pub fn code(&self) -> Code {
@@ -234,126 +129,37 @@ impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         let code = err.code();
         let message = err.to_string();
-        let mut details = ErrorDetails::new();
         match &err {
-            Error::InvalidRequest(violations) => {
-                error_info(&mut details, violations.reason(), &[]);
-                let fields: Vec<FieldViolation> = violations
-                    .listed()
-                    .iter()
-                    .map(|v| {
-                        let mut fv = FieldViolation::new(v.field.clone(), v.description.clone());
-                        fv.reason = reason_name(v.reason).to_owned();
-                        fv
-                    })
-                    .collect();
-                details.set_bad_request(fields);
-            }
+            Error::InvalidRequest(violations) => violations.to_status(),
             Error::Overloaded {
                 model, retry_after, ..
-            } => {
-                error_info(
-                    &mut details,
-                    ErrorReason::Overloaded,
-                    &[("model", model.clone())],
-                );
-                details.set_retry_info(Some(*retry_after));
-            }
-            Error::NonFinite { model, index } => {
-                error_info(
-                    &mut details,
-                    ErrorReason::NonFinite,
-                    &[("model", model.clone()), ("item", index.to_string())],
-                );
-            }
+            } => status(
+                code,
+                message,
+                ErrorReason::Overloaded,
+                &[("model", model.clone())],
+                Some(*retry_after),
+            ),
+            Error::NonFinite { model, index } => status(
+                code,
+                message,
+                ErrorReason::NonFinite,
+                &[("model", model.clone()), ("item", index.to_string())],
+                None,
+            ),
             Error::ShuttingDown => {
+                let mut details = tonic_types::ErrorDetails::new();
                 details.set_retry_info(Some(Duration::from_secs(1)));
+                tonic::Status::with_error_details(code, message, details)
             }
-            _ => return tonic::Status::new(code, message),
+            _ => tonic::Status::new(code, message),
         }
-        tonic::Status::with_error_details(code, message, details)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn invalid_requests_carry_every_field_and_the_first_reason() {
-        let mut v = Violations::default();
-        v.push(
-            "models[1]".into(),
-            ErrorReason::UnknownModel,
-            "no such model".into(),
-        );
-        v.push(
-            "items[0].tokens[3]".into(),
-            ErrorReason::TokenOutOfRange,
-            "too big".into(),
-        );
-        let status = tonic::Status::from(Error::InvalidRequest(v));
-        assert_eq!(status.code(), Code::InvalidArgument);
-        assert!(
-            status.message().contains("models[1]"),
-            "{}",
-            status.message()
-        );
-        assert!(
-            status.message().contains("items[0].tokens[3]"),
-            "{}",
-            status.message()
-        );
-        let details = status.get_error_details();
-        let info = details.error_info().unwrap();
-        assert_eq!(
-            (info.reason.as_str(), info.domain.as_str()),
-            ("UNKNOWN_MODEL", "encore.v1")
-        );
-        let fields: Vec<(&str, &str)> = details
-            .bad_request()
-            .unwrap()
-            .field_violations
-            .iter()
-            .map(|f| (f.field.as_str(), f.reason.as_str()))
-            .collect();
-        assert_eq!(
-            fields,
-            [
-                ("models[1]", "UNKNOWN_MODEL"),
-                ("items[0].tokens[3]", "TOKEN_OUT_OF_RANGE")
-            ]
-        );
-    }
-
-    #[test]
-    fn a_flood_of_violations_is_capped_and_counted() {
-        let mut v = Violations::default();
-        for i in 0..1000 {
-            v.push(
-                format!("items[{i}].caption"),
-                ErrorReason::InvalidField,
-                "empty".into(),
-            );
-        }
-        assert_eq!(v.total(), 1000);
-        let status = tonic::Status::from(Error::InvalidRequest(v));
-        assert!(
-            status.message().contains("1000 bad fields"),
-            "{}",
-            status.message()
-        );
-        assert!(
-            status
-                .message()
-                .ends_with(&format!("and {} more", 1000 - MESSAGE_FIELDS))
-        );
-        let details = status.get_error_details();
-        assert_eq!(
-            details.bad_request().unwrap().field_violations.len(),
-            MAX_VIOLATIONS
-        );
-    }
 
     #[test]
     fn overload_carries_a_retry_delay() {
@@ -370,11 +176,5 @@ mod tests {
             details.retry_info().unwrap().retry_delay,
             Some(Duration::from_millis(250))
         );
-    }
-
-    #[test]
-    fn reason_names_drop_the_prefix() {
-        assert_eq!(reason_name(ErrorReason::TooLarge), "TOO_LARGE");
-        assert_eq!(reason_name(ErrorReason::NonFinite), "NON_FINITE");
     }
 }

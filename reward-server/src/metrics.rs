@@ -20,8 +20,9 @@
 //! deadline is spent on arrival are answered before their body is read and
 //! are not counted.
 
+pub(crate) use encore_proto::status::code_name;
 use encore_telemetry::metrics::{Label, Subsystem};
-use prometheus::{Gauge, Histogram, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Gauge, Histogram, HistogramVec, IntCounter, IntCounterVec, Registry};
 
 use crate::error::Result;
 
@@ -58,22 +59,10 @@ impl Metrics {
     pub(crate) fn new(registry: &Registry) -> Result<Self> {
         let m = Subsystem::new(registry, "reward")?;
         let model = &[Label::Model];
-        // `code` is not one of the shared labels (they describe where a
-        // metric comes from, not an outcome), so this counter is built by
-        // hand.
-        let requests_name = m.metric_name("requests_total")?;
-        let requests = m.register(
-            IntCounterVec::new(
-                Opts::new(
-                    requests_name.clone(),
-                    "Score requests finished, by model used and gRPC status code.",
-                ),
-                &[Label::Model.as_str(), "code"],
-            )
-            .map_err(|source| encore_telemetry::Error::Register {
-                name: requests_name,
-                source,
-            })?,
+        let requests = m.counter_vec(
+            "requests_total",
+            "Score requests finished, by model used and gRPC status code.",
+            &[Label::Model, Label::Code],
         )?;
         Ok(Self {
             requests,
@@ -128,30 +117,5 @@ impl Metrics {
         self.request_seconds
             .with_label_values(&[model])
             .observe(seconds);
-    }
-}
-
-/// The canonical upper-case name of a gRPC code, as grpc-go and the gRPC
-/// spec spell it.
-pub(crate) fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }

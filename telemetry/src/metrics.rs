@@ -88,6 +88,13 @@ pub enum Label {
     Model,
     /// The process role: coordinator, actor, learner, reward-server.
     Role,
+    /// The gRPC method of an rpc metric, e.g. `JobService/Submit`.
+    Method,
+    /// The outcome of an rpc: the gRPC status code's name (`OK`,
+    /// `INVALID_ARGUMENT`...).
+    Code,
+    /// A lifecycle state, e.g. a job's `RUNNING`.
+    State,
 }
 
 impl Label {
@@ -98,6 +105,9 @@ impl Label {
             Label::Stage => "stage",
             Label::Model => "model",
             Label::Role => "role",
+            Label::Method => "method",
+            Label::Code => "code",
+            Label::State => "state",
         }
     }
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Shows that a client in another language, generated from proto/ alone, gets
-# the same scores from the reward server as the Rust client.
+# the same scores from the reward server as the Rust client, and can find
+# the coordinator's services by reflection and submit and watch a job.
 #
 # It installs grpcio-tools into a virtualenv, generates Python stubs from
 # proto/encore/v1/*.proto, starts encore-reward-server on free loopback
@@ -8,7 +9,9 @@
 # SERVING, scores the same items with scripts/python_client.py and with the
 # Rust `reward-score`, and fails unless every score is the same. It then
 # sends one bad request from Python and prints the status and the BadRequest
-# field violation the server returns.
+# field violation the server returns. Last, it starts encore-coordinator on
+# an embedded store and runs scripts/python_job_client.py against it: the
+# services by reflection, then submit, watch and cancel a job.
 #
 # Usage: scripts/python-client.sh [--models-dir DIR] [--count N] [--release]
 #
@@ -30,6 +33,7 @@ REQUIREMENTS="grpcio==1.71.0
 grpcio-tools==1.71.0
 grpcio-status==1.71.0
 grpcio-health-checking==1.71.0
+grpcio-reflection==1.71.0
 protobuf==5.29.4
 googleapis-common-protos==1.70.0"
 
@@ -98,8 +102,8 @@ mkdir -p "$gen"
 # The dev profile builds much faster than release, and it is quick enough
 # here: the workspace compiles dependencies (candle's kernels, gemm, prost)
 # with full optimisation even in dev.
-echo "==> building encore-reward-server, reward-score and reward-init ($profile profile)"
-cargo_flags=(-p encore-reward-server --bins)
+echo "==> building encore-reward-server, reward-score, reward-init and encore-coordinator ($profile profile)"
+cargo_flags=(-p encore-reward-server -p encore-coordinator --bins)
 [[ "$profile" == release ]] && cargo_flags+=(--release)
 cargo build "${cargo_flags[@]}"
 bin="${CARGO_TARGET_DIR:-$repo/target}/$([[ "$profile" == release ]] && echo release || echo debug)"
@@ -120,18 +124,24 @@ items="$work/items.jsonl"
 
 # --- Server --------------------------------------------------------------------
 server_pid=""
+coordinator_pid=""
 log="$work/server.log"
-cleanup() {
-    if [[ -n "$server_pid" ]] && kill -0 "$server_pid" 2>/dev/null; then
-        kill -TERM "$server_pid" 2>/dev/null || true
+stop() {
+    local pid="$1"
+    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
         # A graceful stop drains in-flight calls; do not wait on it forever.
         for _ in $(seq 100); do
-            kill -0 "$server_pid" 2>/dev/null || break
+            kill -0 "$pid" 2>/dev/null || break
             sleep 0.1
         done
-        kill -KILL "$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
     fi
+}
+cleanup() {
+    stop "$server_pid"
+    stop "$coordinator_pid"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -145,24 +155,30 @@ for kind in "${models[@]}"; do model_flags+=(--model "$kind=$models_dir/$kind");
     --log-format json --shutdown-grace-ms 2000 "${model_flags[@]}" > "$log" 2>&1 &
 server_pid=$!
 
-addr=""
-deadline=$((SECONDS + READY_TIMEOUT_S))
-while [[ -z "$addr" ]]; do
-    if ! kill -0 "$server_pid" 2>/dev/null; then
-        echo "error: the server exited during start-up:" >&2
-        # Without the frames of a backtrace (RUST_BACKTRACE), which would
-        # push the error itself out of view.
-        grep -v -E '^ +([0-9]+: |at )' "$log" | tail -n 20 >&2
-        exit 1
-    fi
-    if (( SECONDS >= deadline )); then
-        echo "error: the server did not bind its port within ${READY_TIMEOUT_S} s" >&2
-        tail -n 20 "$log" >&2
-        exit 1
-    fi
-    addr="$(grep -o '"grpc_addr":"[^"]*"' "$log" | head -n 1 | cut -d'"' -f4 || true)"
-    [[ -n "$addr" ]] || sleep 0.1
-done
+# The gRPC address a process started with --log-format json logs once it is
+# up: `bound_addr PID LOG`.
+bound_addr() {
+    local pid="$1" log="$2" addr=""
+    local deadline=$((SECONDS + READY_TIMEOUT_S))
+    while [[ -z "$addr" ]]; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "error: the process exited during start-up:" >&2
+            # Without the frames of a backtrace (RUST_BACKTRACE), which would
+            # push the error itself out of view.
+            grep -v -E '^ +([0-9]+: |at )' "$log" | tail -n 20 >&2
+            return 1
+        fi
+        if (( SECONDS >= deadline )); then
+            echo "error: no port bound within ${READY_TIMEOUT_S} s" >&2
+            tail -n 20 "$log" >&2
+            return 1
+        fi
+        addr="$(grep -o '"grpc_addr":"[^"]*"' "$log" | head -n 1 | cut -d'"' -f4 || true)"
+        [[ -n "$addr" ]] || sleep 0.1
+    done
+    echo "$addr"
+}
+addr="$(bound_addr "$server_pid" "$log")"
 echo "    listening on $addr"
 "$py" scripts/python_client.py --target "$addr" --timeout-s "$READY_TIMEOUT_S" wait
 
@@ -214,3 +230,34 @@ EOF
 
 echo "==> one bad request from the Python client"
 "$py" scripts/python_client.py --target "$addr" bad-request --items "$items"
+
+# --- The coordinator -----------------------------------------------------------
+coordinator_log="$work/coordinator.log"
+state="$work/coordinator"
+rm -rf "$state"
+mkdir -p "$state"
+client_token="python-$(date +%s)-$$"
+cat > "$state/coordinator.toml" <<TOML
+[coordinator]
+listen = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+store = "embedded://$state/store"
+blob_dir = "$state/blobs"
+checkpoint_dir = "$state/checkpoints"
+shutdown_grace_ms = 2000
+
+[coordinator.auth]
+client_tokens = ["python:$client_token"]
+worker_token = "worker-$client_token"
+TOML
+echo "==> starting encore-coordinator (log: $coordinator_log)"
+"$bin/encore-coordinator" --config "$state/coordinator.toml" --log-format json \
+    > "$coordinator_log" 2>&1 &
+coordinator_pid=$!
+coordinator_addr="$(bound_addr "$coordinator_pid" "$coordinator_log")"
+echo "    listening on $coordinator_addr"
+echo "==> the coordinator's services, by reflection"
+"$py" scripts/python_job_client.py --target "$coordinator_addr" services
+echo "==> submit, watch and cancel a job from Python"
+"$py" scripts/python_job_client.py --target "$coordinator_addr" submit-and-watch \
+    --token "$client_token"

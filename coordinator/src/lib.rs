@@ -1,10 +1,41 @@
-//! Encore coordinator: the control plane.
+//! Encore's coordinator: the control plane.
 //!
-//! Serves JobService (clients submit, watch and cancel training jobs),
-//! ClusterService (actors, learner ranks and reward servers register and
-//! hold leases) and WeightService (the learner publishes weight versions,
-//! actors fetch them), keeping all state in a store (embedded or Redis) so a
-//! restarted coordinator carries on.
+//! It serves three gRPC services over one [`Store`](encore_store::Store)
+//! (embedded or Redis) and keeps no state of its own, so a restarted
+//! coordinator reopens the store and carries on:
 //!
-//! The services land with the coordinator issue (issue 4); the contracts are
-//! in `proto/encore/v1/`.
+//! ```text
+//!  CLI ──JobService──▶ jobs: submit (spec::validate), get, list, cancel, watch
+//!  actors, learner ranks, reward servers ──ClusterService──▶ register, heartbeat,
+//!      assignments (reconcile: who works on which job), progress reports
+//!  learner rank 0 ──WeightService.Publish──▶ blob dir + manifest ──Fetch──▶ actors
+//! ```
+//!
+//! - [`spec`]: JobSpec validation (every bad field named by its path) and
+//!   defaults.
+//! - [`jobs`]: the JobService.
+//! - [`cluster`]: ClusterService; [`reconcile`] turns registered members
+//!   and live jobs into assignments and moves jobs from PENDING to RUNNING.
+//! - [`weights`]: WeightService, the blob directory, its garbage collection,
+//!   and the client side of publishing and fetching.
+//! - [`auth`]: bearer tokens (clients and workers); [`config`]; [`error`]
+//!   (the one conversion to `tonic::Status`); [`metrics`]; [`server`]
+//!   (start-up, TLS, health, reflection, shutdown).
+
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod cluster;
+pub mod config;
+pub mod error;
+pub mod jobs;
+pub mod metrics;
+pub mod reconcile;
+mod records;
+pub mod server;
+pub mod spec;
+pub mod weights;
+
+pub use config::{Config, Flags};
+pub use error::{Error, Result};
+pub use server::{Coordinator, RunningCoordinator, run};

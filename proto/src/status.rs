@@ -26,6 +26,25 @@ pub const MAX_VIOLATIONS: usize = 64;
 /// [`MAX_VIOLATIONS`].
 pub const MESSAGE_FIELDS: usize = 8;
 
+/// Longest field path or description a violation keeps, in bytes. Paths can
+/// hold map keys from the request and descriptions can quote values; without
+/// a bound, one long key would push the trailers past HTTP/2's header limit
+/// and the client would see a protocol error instead of the status.
+pub const MAX_TEXT_BYTES: usize = 256;
+
+/// `text` cut to at most `max` bytes at a character boundary, with an
+/// ellipsis when something was cut.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max.saturating_sub(3);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
 /// One bad field of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
@@ -50,9 +69,9 @@ impl Violations {
     pub fn push(&mut self, field: String, reason: ErrorReason, description: String) {
         if self.listed.len() < MAX_VIOLATIONS {
             self.listed.push(Violation {
-                field,
+                field: truncate(&field, MAX_TEXT_BYTES),
                 reason,
-                description,
+                description: truncate(&description, MAX_TEXT_BYTES),
             });
         } else {
             self.omitted += 1;
@@ -284,6 +303,17 @@ mod tests {
             details.retry_info().unwrap().retry_delay,
             Some(Duration::from_millis(250))
         );
+    }
+
+    #[test]
+    fn long_paths_and_descriptions_are_cut() {
+        let mut v = Violations::default();
+        let key = "é".repeat(1000);
+        v.invalid(format!("labels[{key:?}]"), key.clone());
+        let kept = &v.listed()[0];
+        assert!(kept.field.len() <= MAX_TEXT_BYTES && kept.field.ends_with("..."));
+        assert!(kept.description.len() <= MAX_TEXT_BYTES);
+        assert_eq!(truncate("short", 10), "short");
     }
 
     #[test]

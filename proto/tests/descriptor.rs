@@ -86,6 +86,11 @@ fn expected_services() -> BTreeMap<String, Vec<Method>> {
                 unary("GetAssignment", "GetAssignmentRequest", "Assignment"),
                 server_streaming("WatchAssignment", "WatchAssignmentRequest", "Assignment"),
                 unary("Deregister", "DeregisterRequest", "DeregisterResponse"),
+                unary(
+                    "ReportProgress",
+                    "ReportProgressRequest",
+                    "ReportProgressResponse",
+                ),
             ],
         ),
         (

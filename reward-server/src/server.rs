@@ -20,7 +20,10 @@ use encore_proto::v1::reward_service_server::RewardServiceServer;
 use encore_proto::v1::{InputConstraints, OutputRange, RewardKind as ProtoKind, RewardModelInfo};
 use encore_reward::{CODEC_ID, RewardKind, RewardModel};
 use encore_telemetry::grpc::ServingStatus;
-use encore_telemetry::{AdminState, Readiness, grpc_health, grpc_reflection, serve_admin};
+use encore_telemetry::{
+    AdminState, Readiness, drain_signal, grpc_health, grpc_reflection, grpc_reflection_v1alpha,
+    serve_admin,
+};
 use prometheus::Registry;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -114,7 +117,9 @@ impl ServerBuilder {
         let registry = registry.unwrap_or_default();
         let metrics = Metrics::new(&registry)?;
         let (health_reporter, health) = grpc_health();
-        let reflection = grpc_reflection(encore_proto::FILE_DESCRIPTOR_SET)?;
+        let reflection = grpc_reflection(encore_proto::FILE_DESCRIPTOR_SET, &[SERVICE_NAME])?;
+        let reflection_v1alpha =
+            grpc_reflection_v1alpha(encore_proto::FILE_DESCRIPTOR_SET, &[SERVICE_NAME])?;
 
         // Ports first: they fail for reasons outside our control, and
         // nothing else is running yet. The admin server stops with this
@@ -155,28 +160,16 @@ impl ServerBuilder {
             .set_service_status(SERVICE_NAME, ServingStatus::Serving)
             .await;
 
-        let signal = {
-            let started = started.clone();
-            let readiness = readiness.clone();
-            let mut reporter = health_reporter.clone();
-            async move {
-                started.cancelled().await;
-                tracing::info!("reward server shutting down");
-                readiness.set_not_ready("shutting down");
-                for name in ["", SERVICE_NAME] {
-                    reporter
-                        .set_service_status(name, ServingStatus::NotServing)
-                        .await;
-                    // Ends open Watch streams (after they deliver
-                    // NOT_SERVING), which would otherwise hold the drain
-                    // until the grace period runs out.
-                    reporter.clear_service_status(name).await;
-                }
-            }
-        };
+        let signal = drain_signal(
+            started.clone(),
+            readiness.clone(),
+            health_reporter.clone(),
+            vec![SERVICE_NAME],
+        );
         let serve = tonic::transport::Server::builder()
             .add_service(health)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(reward)
             .serve_with_incoming_shutdown(incoming, signal);
 

@@ -42,7 +42,7 @@ pub mod shutdown;
 
 pub use admin::{AdminState, Readiness, ReadyState, serve_admin};
 pub use error::{Error, Result};
-pub use grpc::{grpc_health, grpc_reflection};
+pub use grpc::{drain_signal, grpc_health, grpc_reflection, grpc_reflection_v1alpha};
 pub use logging::{LogFormat, init};
 pub use metrics::{Label, Subsystem, registry};
 pub use shutdown::{ShutdownSignal, Signals, cancel_on, shutdown_token, wait_for_shutdown};

@@ -20,7 +20,7 @@ use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse
 async fn health_and_reflection_are_served() {
     let (reporter, health) = grpc_health();
     // The health service's own descriptors stand in for Encore's here.
-    let reflection = grpc_reflection(tonic_health::pb::FILE_DESCRIPTOR_SET).unwrap();
+    let reflection = grpc_reflection(tonic_health::pb::FILE_DESCRIPTOR_SET, &[]).unwrap();
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -94,7 +94,7 @@ async fn health_and_reflection_are_served() {
 #[test]
 fn a_bad_descriptor_set_is_an_error() {
     // Field 1, wire type 2 (the `file` field), claiming more bytes than follow.
-    let Err(err) = grpc_reflection(&[0x0a, 0x10, 0x01]) else {
+    let Err(err) = grpc_reflection(&[0x0a, 0x10, 0x01], &[]) else {
         panic!("a truncated descriptor set was accepted");
     };
     assert!(matches!(err, Error::Reflection(_)), "{err}");

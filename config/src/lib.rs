@@ -34,6 +34,29 @@ impl From<config::ConfigError> for ConfigError {
     }
 }
 
+/// A secret (a token) given either inline or as a file holding it (a
+/// Kubernetes Secret mounted as a volume), surrounding whitespace trimmed.
+/// `key` is the inline key's full path (for example
+/// `actor.worker_token`); the file key is `key` + `_file`. `None` when
+/// neither is set; an error naming the key when both are, or when the file
+/// cannot be read.
+pub fn secret(
+    key: &str,
+    inline: Option<&str>,
+    file: Option<&Path>,
+) -> Result<Option<String>, ConfigError> {
+    match (inline, file) {
+        (Some(value), None) => Ok(Some(value.trim().to_owned())),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map(|text| Some(text.trim().to_owned()))
+            .map_err(|e| ConfigError::Invalid(format!("{key}_file: {}: {e}", path.display()))),
+        (Some(_), Some(_)) => Err(ConfigError::Invalid(format!(
+            "{key}: set either it or {key}_file, not both"
+        ))),
+        (None, None) => Ok(None),
+    }
+}
+
 /// Builds the configuration of `section` from defaults, an optional file,
 /// the environment and `flags` (serialised; `None` fields are skipped, so
 /// give flag structs `#[serde(skip_serializing_if = "Option::is_none")]`).

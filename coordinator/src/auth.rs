@@ -99,6 +99,44 @@ impl Authenticator {
     }
 }
 
+/// The client side: a tonic interceptor adding `authorization: Bearer
+/// <token>` to every call (the CLI with a client token; actors, learners
+/// and reward servers with the worker token).
+#[derive(Clone)]
+pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.write_str("BearerToken(..)")
+    }
+}
+
+impl BearerToken {
+    /// An interceptor sending `token`; an empty token sends none. Fails if
+    /// the token cannot be a header value (not visible ASCII).
+    pub fn new(token: &str) -> Result<Self, String> {
+        if token.is_empty() {
+            return Ok(Self(None));
+        }
+        format!("Bearer {token}")
+            .parse()
+            .map(|v| Self(Some(v)))
+            .map_err(|_| "the token must be visible ASCII".to_owned())
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
 fn caller_of<T>(request: &Request<T>) -> Result<&Caller, Error> {
     // The interceptor always runs first; a request without a caller means a
     // service was mounted without it, which is our bug.

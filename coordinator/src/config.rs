@@ -208,23 +208,19 @@ impl Config {
         let read = |key: &str, path: &Path| {
             std::fs::read_to_string(path).map_err(|e| bad(key, format!("{}: {e}", path.display())))
         };
-        let worker = match (&auth.worker_token, &auth.worker_token_file) {
-            (Some(token), None) => token.trim().to_owned(),
-            (None, Some(path)) => read("worker_token_file", path)?.trim().to_owned(),
-            (Some(_), Some(_)) => {
-                return Err(bad(
-                    "worker_token",
-                    "set either it or worker_token_file, not both".into(),
-                ));
-            }
-            (None, None) => {
-                return Err(bad(
-                    "worker_token",
-                    "no worker token: set it (or worker_token_file, or ENCORE_COORDINATOR__AUTH__WORKER_TOKEN)"
-                        .into(),
-                ));
-            }
-        };
+        let worker = encore_config::secret(
+            &format!("{SECTION}.auth.worker_token"),
+            auth.worker_token.as_deref(),
+            auth.worker_token_file.as_deref(),
+        )
+        .map_err(|e| Error::Config(e.to_string()))?
+        .ok_or_else(|| {
+            bad(
+                "worker_token",
+                "no worker token: set it (or worker_token_file, or ENCORE_COORDINATOR__AUTH__WORKER_TOKEN)"
+                    .into(),
+            )
+        })?;
         let mut lines: Vec<(String, String)> = Vec::new();
         for (i, entry) in auth.client_tokens.iter().enumerate() {
             lines.push((format!("client_tokens[{i}]"), entry.clone()));

@@ -28,31 +28,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Server};
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 const MIB: usize = 1 << 20;
 const WORKER: &str = "worker-token";
 const CLIENT: &str = "client-token";
 
-/// Adds `authorization: Bearer <token>` to every call (or nothing).
-#[derive(Clone)]
-struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(token) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", token.clone());
-        }
-        Ok(request)
-    }
-}
+use encore_coordinator::auth::BearerToken as Bearer;
 
 type Client = WeightServiceClient<InterceptedService<Channel, Bearer>>;
 
@@ -134,7 +119,7 @@ impl Harness {
             .connect()
             .await
             .unwrap();
-        let bearer = Bearer(token.map(|t| format!("Bearer {t}").parse().unwrap()));
+        let bearer = Bearer::new(token.unwrap_or_default()).unwrap();
         WeightServiceClient::with_interceptor(channel, bearer)
     }
 

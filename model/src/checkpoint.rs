@@ -142,6 +142,39 @@ pub fn load_frozen(dir: &Path, device: &Device) -> Result<(Policy, CheckpointCon
     Ok((policy, config))
 }
 
+/// Loads published weights for inference: a safetensors file and the
+/// policy configuration as JSON text (a [`PolicyConfig`], as
+/// `WeightManifest.model_config_json` carries it). Errors name the file or
+/// the configuration.
+pub fn load_frozen_file(
+    config_json: &str,
+    weights: &Path,
+    device: &Device,
+) -> Result<Policy, ModelError> {
+    let config: PolicyConfig =
+        serde_json::from_str(config_json).map_err(|e| ModelError::Checkpoint {
+            path: weights.to_owned(),
+            reason: format!("model_config_json: {e}"),
+        })?;
+    config.validate()?;
+    let tensors =
+        candle_core::safetensors::load(weights, device).map_err(|e| ModelError::Checkpoint {
+            path: weights.to_owned(),
+            reason: e.to_string(),
+        })?;
+    Policy::new(
+        &config,
+        VarBuilder::from_tensors(tensors, DType::F32, device),
+    )
+    .map_err(|e| match e {
+        ModelError::Tensor(e) => ModelError::Checkpoint {
+            path: weights.to_owned(),
+            reason: e.to_string(),
+        },
+        other => other,
+    })
+}
+
 /// Reads and validates `config.json` from a checkpoint directory.
 pub fn read_config(dir: &Path) -> Result<CheckpointConfig, ModelError> {
     let path = dir.join(CONFIG_FILE);

@@ -20,8 +20,8 @@ pub mod pretrain;
 mod sample;
 
 pub use checkpoint::{
-    CONFIG_FILE, CheckpointConfig, TrainablePolicy, WEIGHTS_FILE, load_frozen, read_config,
-    write_atomically,
+    CONFIG_FILE, CheckpointConfig, TrainablePolicy, WEIGHTS_FILE, load_frozen, load_frozen_file,
+    read_config, write_atomically,
 };
 pub use config::{PolicyConfig, Preset};
 pub use device::device;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use encore_coordinator::Config;
+use encore_coordinator::auth::BearerToken;
 use encore_coordinator::config::AuthConfig;
 use encore_coordinator::server::{Coordinator, RunningCoordinator};
 use encore_proto::v1::cluster_service_client::ClusterServiceClient;
@@ -22,10 +23,8 @@ use encore_proto::v1::{
 };
 use encore_store::{Store, SystemClock};
 use tokio_util::sync::CancellationToken;
-use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Request, Status};
 
 /// Bounds every wait, so that a bug fails the test instead of hanging it.
 pub const PATIENCE: Duration = Duration::from_secs(60);
@@ -94,24 +93,12 @@ impl TestCoordinator {
     }
 }
 
-/// An interceptor adding `authorization: Bearer <token>`.
-#[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
+/// The client-side bearer interceptor.
+pub type Bearer = BearerToken;
 
 /// Adds `token` as a bearer token; an empty token sends none.
 pub fn bearer(token: &str) -> Bearer {
-    Bearer((!token.is_empty()).then(|| format!("Bearer {token}").parse().expect("ascii token")))
+    BearerToken::new(token).expect("ascii token")
 }
 
 /// A JobService client with a token.

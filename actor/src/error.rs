@@ -1,0 +1,71 @@
+//! The actor's one error type.
+
+use std::path::PathBuf;
+
+/// `Result` with the actor's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can stop the actor or fail one batch.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value is invalid; the message names the key.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The coordinator or a reward server could not be reached or refused a
+    /// call.
+    #[error("{what}: {status}")]
+    Rpc {
+        /// Which call.
+        what: String,
+        /// The status it ended with.
+        status: Box<tonic::Status>,
+    },
+    /// A connection could not be set up.
+    #[error("connecting to {url}: {source}")]
+    Connect {
+        /// Where to.
+        url: String,
+        /// Why not.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The member's lease is gone; the actor registers again.
+    #[error("the lease expired")]
+    LeaseExpired,
+    /// The assignment changed (or the job ended) while working on it.
+    #[error("the assignment changed")]
+    Reassigned,
+    /// Weights could not be fetched or loaded.
+    #[error("weights: {0}")]
+    Weights(String),
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] encore_model::ModelError),
+    /// The prompt set could not be read.
+    #[error("prompts {path}: {message}")]
+    Prompts {
+        /// The dataset file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The rollout queue failed.
+    #[error(transparent)]
+    Store(#[from] encore_store::StoreError),
+    /// Metrics or the admin server could not be set up.
+    #[error(transparent)]
+    Telemetry(#[from] encore_telemetry::Error),
+    /// The actor is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+impl Error {
+    /// An rpc failure.
+    pub fn rpc(what: impl Into<String>, status: tonic::Status) -> Self {
+        Error::Rpc {
+            what: what.into(),
+            status: Box::new(status),
+        }
+    }
+}

@@ -1,0 +1,630 @@
+//! The actor's work: membership (register, heartbeat, follow the
+//! assignment) and, for an assigned job, the sampling loop.
+//!
+//! ```text
+//!  coordinator ──WatchAssignment──▶ job, stage, prompt shard, reward endpoints
+//!  loop per batch:
+//!    GetManifest(latest) newer? ──Fetch──▶ verified file ──▶ policy (never a half-received one)
+//!    shard ──▶ G prompts × K samples ──KV-cached sampler──▶ tokens + behaviour log-probs
+//!    reward servers (all models at once, deadlines, retries) ──▶ scores
+//!    ScoredBatch ──queue_append (waits while the queue is full)──▶ rollout queue
+//! ```
+//!
+//! The assignment is checked between batches: a new generation (another
+//! stage, other reward servers, another job, or idle) ends the loop and the
+//! next one starts from the new assignment. A lost lease stops the work and
+//! registers again.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use encore_coordinator::auth::BearerToken;
+use encore_coordinator::weights::client::{fetch_to_file, tune_endpoint};
+use encore_model::{Policy, SamplingParams};
+use encore_proto::v1::cluster_service_client::ClusterServiceClient;
+use encore_proto::v1::weight_service_client::WeightServiceClient;
+use encore_proto::v1::{
+    ActorAssignment, Assignment, Capabilities, DeregisterRequest, DeviceKind, GetManifestRequest,
+    HeartbeatRequest, MemberStatus, PolicyVersion, RegisterRequest, Resources, Role, Rollout,
+    ScoreItem, ScoredBatch, WatchAssignmentRequest, WeightManifest, assignment,
+};
+use encore_store::{AppendOutcome, Store, SystemClock};
+use prost::Message;
+use prost_types::Timestamp;
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::prompts::ShardedPrompts;
+use crate::scoring::RewardClients;
+
+type Authed = InterceptedService<Channel, BearerToken>;
+
+/// What the actor reports in heartbeats.
+#[derive(Debug, Default)]
+struct Reported {
+    generation: AtomicU64,
+    version: std::sync::Mutex<Option<PolicyVersion>>,
+}
+
+/// A running actor's shared parts.
+#[derive(Clone)]
+pub struct Actor {
+    config: Config,
+    metrics: Metrics,
+    device: Device,
+    channel: Channel,
+    token: BearerToken,
+}
+
+impl Actor {
+    /// An actor for `config`; connects lazily to the coordinator.
+    pub fn new(config: Config, metrics: Metrics) -> Result<Self> {
+        let device = encore_model::device(&config.device)
+            .map_err(|e| Error::Config(format!("actor.device: {e}")))?;
+        let token = BearerToken::new(&config.token()?)
+            .map_err(|e| Error::Config(format!("actor.worker_token: {e}")))?;
+        let endpoint = Channel::from_shared(config.coordinator.clone())
+            .map_err(|e| Error::Config(format!("actor.coordinator: {e}")))?;
+        let channel = tune_endpoint(endpoint)
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Self {
+            config,
+            metrics,
+            device,
+            channel,
+            token,
+        })
+    }
+
+    fn cluster(&self) -> ClusterServiceClient<Authed> {
+        ClusterServiceClient::with_interceptor(self.channel.clone(), self.token.clone())
+    }
+
+    fn weights(&self) -> WeightServiceClient<Authed> {
+        WeightServiceClient::with_interceptor(self.channel.clone(), self.token.clone())
+            .max_decoding_message_size(8 << 20)
+    }
+
+    /// Works until `shutdown`: registers, follows assignments, samples;
+    /// registers again after a lost lease; deregisters on the way out.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
+        let instance = if self.config.instance_id.is_empty() {
+            format!("actor-{}-{:08x}", std::process::id(), rand::random::<u32>())
+        } else {
+            self.config.instance_id.clone()
+        };
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            match self.membership(&instance, &shutdown).await {
+                Ok(()) => break,
+                Err(Error::LeaseExpired) => {
+                    tracing::warn!("lease lost; registering again");
+                    backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "coordinator unreachable or refused; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.config.max_backoff());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One membership: register, then heartbeat and work until the lease
+    /// is lost (`LeaseExpired`) or `shutdown` (then deregister, `Ok`).
+    async fn membership(&self, instance: &str, shutdown: &CancellationToken) -> Result<()> {
+        let mut cluster = self.cluster();
+        let registered = cluster
+            .register(RegisterRequest {
+                role: Role::Actor as i32,
+                capabilities: Some(Capabilities {
+                    resources: Some(Resources {
+                        device: if self.device.is_cuda() {
+                            DeviceKind::Cuda
+                        } else {
+                            DeviceKind::Cpu
+                        } as i32,
+                        device_count: u32::from(self.device.is_cuda()),
+                        cpu_cores: std::thread::available_parallelism()
+                            .map_or(1, |n| n.get() as u32),
+                        ..Resources::default()
+                    }),
+                    software_version: encore_coordinator::cluster::SOFTWARE_VERSION.into(),
+                    ..Capabilities::default()
+                }),
+                instance_id: instance.to_owned(),
+            })
+            .await
+            .map_err(|s| Error::rpc("Register", s))?
+            .into_inner();
+        let member_id = registered.member_id;
+        let interval = registered
+            .heartbeat_interval
+            .and_then(|d| Duration::try_from(d).ok())
+            .unwrap_or(Duration::from_secs(5));
+        tracing::info!(%member_id, "registered");
+
+        let lost = shutdown.child_token();
+        let reported = Arc::new(Reported::default());
+        let (assigned_tx, assigned_rx) = watch::channel(Assignment::default());
+        let heartbeat = tokio::spawn(heartbeat(
+            self.cluster(),
+            member_id.clone(),
+            interval,
+            reported.clone(),
+            lost.clone(),
+        ));
+        let follower = tokio::spawn(follow(
+            self.cluster(),
+            member_id.clone(),
+            assigned_tx,
+            lost.clone(),
+        ));
+        let worked = self.work(&member_id, assigned_rx, &reported, &lost).await;
+        lost.cancel();
+        let _ = heartbeat.await;
+        let _ = follower.await;
+        if shutdown.is_cancelled() {
+            let _ = cluster
+                .deregister(DeregisterRequest {
+                    member_id: member_id.clone(),
+                    reason: "shutdown".into(),
+                })
+                .await;
+            tracing::info!(%member_id, "deregistered");
+            return Ok(());
+        }
+        match worked {
+            Err(Error::ShuttingDown) | Ok(()) => Err(Error::LeaseExpired),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs each assignment as it comes until `lost` fires.
+    async fn work(
+        &self,
+        member_id: &str,
+        mut assigned: watch::Receiver<Assignment>,
+        reported: &Reported,
+        lost: &CancellationToken,
+    ) -> Result<()> {
+        loop {
+            let current = assigned.borrow_and_update().clone();
+            let generation = current.generation;
+            let job = match current.details {
+                Some(assignment::Details::Actor(actor)) if !current.job_id.is_empty() => {
+                    Some((current.job_id.clone(), actor, current.rollout_queue))
+                }
+                _ => None,
+            };
+            reported.generation.store(generation, Ordering::Relaxed);
+            let outcome = match job {
+                Some((job_id, work, queue)) => {
+                    let changed = assigned.clone();
+                    let uri = queue.map(|q| q.uri).unwrap_or_default();
+                    self.run_job(
+                        member_id, &job_id, &work, &uri, changed, generation, reported, lost,
+                    )
+                    .await
+                }
+                None => Err(Error::Reassigned),
+            };
+            match outcome {
+                Err(Error::Reassigned) => {}
+                Err(Error::ShuttingDown) => return Ok(()),
+                Err(e) => {
+                    tracing::error!(error = %e, "the job failed on this actor; waiting for a new assignment");
+                }
+                Ok(()) => {}
+            }
+            tokio::select! {
+                () = lost.cancelled() => return Ok(()),
+                changed = assigned.changed() => if changed.is_err() { return Ok(()) },
+            }
+        }
+    }
+
+    /// Samples batches for `job_id` until the assignment changes.
+    #[allow(clippy::too_many_arguments)]
+    #[tracing::instrument(skip_all, fields(job_id, member_id))]
+    async fn run_job(
+        &self,
+        member_id: &str,
+        job_id: &str,
+        work: &ActorAssignment,
+        queue_uri: &str,
+        assigned: watch::Receiver<Assignment>,
+        generation: u64,
+        reported: &Reported,
+        lost: &CancellationToken,
+    ) -> Result<()> {
+        tracing::info!(job_id, stage = %work.stage, generation, "working on job");
+        let cancel = lost.child_token();
+        // Ends the batch loop's waits as soon as the assignment changes.
+        let watcher = {
+            let cancel = cancel.clone();
+            let mut assigned = assigned.clone();
+            tokio::spawn(async move {
+                while assigned.changed().await.is_ok() {
+                    if assigned.borrow().generation != generation {
+                        break;
+                    }
+                }
+                cancel.cancel();
+            })
+        };
+        let result = self
+            .batches(member_id, job_id, work, queue_uri, reported, &cancel)
+            .await;
+        watcher.abort();
+        match result {
+            Err(Error::ShuttingDown) if !lost.is_cancelled() => Err(Error::Reassigned),
+            other => other,
+        }
+    }
+
+    async fn batches(
+        &self,
+        member_id: &str,
+        job_id: &str,
+        work: &ActorAssignment,
+        queue_uri: &str,
+        reported: &Reported,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let mut prompts = ShardedPrompts::new(
+            work.prompts
+                .as_ref()
+                .ok_or_else(|| Error::Config("the assignment has no prompt shard".into()))?,
+        )?;
+        let store = encore_store::open(queue_uri, Arc::new(SystemClock)).await?;
+        let rewards = RewardClients::new(
+            &work.reward_servers,
+            self.config.score_deadline(),
+            self.config.max_backoff(),
+            self.metrics.clone(),
+        )?;
+        let k = work.samples_per_prompt.max(1) as usize;
+        let groups = work.groups_per_batch.max(1) as usize;
+        let sampling = work.sampling.unwrap_or_default();
+        let mut policy: Option<(WeightManifest, Arc<Policy>)> = None;
+        let mut batch_no = 0u64;
+        let job_label = [job_id];
+        loop {
+            if cancel.is_cancelled() {
+                return Err(Error::ShuttingDown);
+            }
+            let latest = self.latest_manifest(job_id, cancel).await?;
+            let newer = policy
+                .as_ref()
+                .is_none_or(|(m, _)| version_of(m) < version_of(&latest));
+            if newer {
+                let loaded = self.load(job_id, &latest, cancel).await?;
+                *reported.version.lock().unwrap_or_else(|p| p.into_inner()) =
+                    loaded.0.version.clone();
+                policy = Some(loaded);
+            }
+            let Some((manifest, current)) = policy.clone() else {
+                continue;
+            };
+            self.metrics
+                .version_lag
+                .with_label_values(&job_label)
+                .set((version_of(&latest) - version_of(&manifest)) as f64);
+
+            let chosen = prompts.take(groups);
+            let captions: Vec<String> = chosen
+                .iter()
+                .flat_map(|p| std::iter::repeat_n(p.caption.clone(), k))
+                .collect();
+            let frames = (sampling.max_new_tokens as usize).min(current.config().max_frames);
+            let params = SamplingParams {
+                temperature: if sampling.temperature > 0.0 {
+                    sampling.temperature
+                } else {
+                    1.0
+                },
+                top_k: (sampling.top_k > 0).then_some(sampling.top_k as usize),
+                top_p: (sampling.top_p > 0.0 && sampling.top_p < 1.0).then_some(sampling.top_p),
+                seed: work
+                    .sampling_seed
+                    .wrapping_add(batch_no.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            };
+            let started = Instant::now();
+            let (device, policy_ref, texts) =
+                (self.device.clone(), current.clone(), captions.clone());
+            let samples = tokio::task::spawn_blocking(move || {
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                let text = encore_model::embed_captions(&refs, &device)?;
+                encore_model::sample(&policy_ref, &text, frames, &params)
+            })
+            .await
+            .map_err(|e| Error::Config(format!("the sampling task failed: {e}")))??;
+            self.metrics
+                .sample_seconds
+                .with_label_values(&job_label)
+                .observe(started.elapsed().as_secs_f64());
+            self.metrics
+                .clips
+                .with_label_values(&job_label)
+                .inc_by(captions.len() as u64);
+            self.metrics
+                .tokens
+                .with_label_values(&job_label)
+                .inc_by((captions.len() * frames) as u64);
+
+            let items: Vec<ScoreItem> = captions
+                .iter()
+                .zip(&samples.tokens)
+                .map(|(caption, tokens)| ScoreItem {
+                    caption: caption.clone(),
+                    tokens: tokens.clone(),
+                })
+                .collect();
+            let scores = rewards.score(items, cancel).await?;
+
+            let batch_id = format!("{member_id}-{batch_no}");
+            let now = Some(Timestamp::from(std::time::SystemTime::now()));
+            let mut rollouts = Vec::with_capacity(captions.len());
+            for (i, ((tokens, log_probs), scores)) in samples
+                .tokens
+                .into_iter()
+                .zip(samples.log_probs)
+                .zip(scores)
+                .enumerate()
+            {
+                let group = i / k;
+                rollouts.push(Rollout {
+                    rollout_id: format!("{batch_id}-{i}"),
+                    job_id: job_id.to_owned(),
+                    prompt: Some(chosen[group].clone()),
+                    group_id: format!("{batch_id}-g{group}"),
+                    sample_index: (i % k) as u32,
+                    group_size: k as u32,
+                    tokens,
+                    behaviour_log_probs: log_probs,
+                    policy_version: manifest.version.clone(),
+                    sampling: Some(sampling),
+                    scores: scores.into_iter().collect(),
+                    actor_id: member_id.to_owned(),
+                    create_time: now,
+                });
+            }
+            let batch = ScoredBatch {
+                batch_id,
+                job_id: job_id.to_owned(),
+                stage: work.stage.clone(),
+                actor_id: member_id.to_owned(),
+                rollouts,
+                create_time: now,
+            };
+            self.append(&*store, job_id, batch.encode_to_vec(), cancel)
+                .await?;
+            self.metrics.batches.with_label_values(&job_label).inc();
+            batch_no += 1;
+        }
+    }
+
+    /// Appends to the rollout queue, waiting while it is full.
+    async fn append(
+        &self,
+        store: &dyn Store,
+        job_id: &str,
+        payload: Vec<u8>,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match store
+                .queue_append(job_id, payload.clone(), self.config.queue_max_batches)
+                .await?
+            {
+                AppendOutcome::Appended(_) => return Ok(()),
+                AppendOutcome::Full { .. } => {
+                    self.metrics
+                        .queue_full_waits
+                        .with_label_values(&[job_id])
+                        .inc();
+                    tokio::select! {
+                        () = cancel.cancelled() => return Err(Error::ShuttingDown),
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.config.max_backoff());
+                }
+            }
+        }
+    }
+
+    /// The job's latest weight version; waits (with back-off) until the
+    /// learner has published one.
+    async fn latest_manifest(
+        &self,
+        job_id: &str,
+        cancel: &CancellationToken,
+    ) -> Result<WeightManifest> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let answer = self
+                .weights()
+                .get_manifest(GetManifestRequest {
+                    job_id: job_id.to_owned(),
+                    version: None,
+                })
+                .await;
+            match answer {
+                Ok(manifest) => return Ok(manifest.into_inner()),
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        tonic::Code::NotFound | tonic::Code::Unavailable
+                    ) => {}
+                Err(status) => return Err(Error::rpc("GetManifest", status)),
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return Err(Error::ShuttingDown),
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(self.config.max_backoff());
+        }
+    }
+
+    /// Downloads (resumably, verified) and loads a version.
+    async fn load(
+        &self,
+        job_id: &str,
+        manifest: &WeightManifest,
+        cancel: &CancellationToken,
+    ) -> Result<(WeightManifest, Arc<Policy>)> {
+        let version = version_of(manifest);
+        let dir = self.config.work_dir.join(job_id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::Weights(format!("{}: {e}", dir.display())))?;
+        let dest: PathBuf = dir.join(format!("v{version}.safetensors"));
+        let mut client = self.weights();
+        let fetched = tokio::select! {
+            () = cancel.cancelled() => return Err(Error::ShuttingDown),
+            fetched = fetch_to_file(&mut client, job_id, Some(version), &dest, 8) => fetched,
+        }
+        .map_err(|e| Error::Weights(e.to_string()))?;
+        let (config, device, path) = (
+            fetched.model_config_json.clone(),
+            self.device.clone(),
+            dest.clone(),
+        );
+        let policy = tokio::task::spawn_blocking(move || {
+            encore_model::load_frozen_file(&config, &path, &device)
+        })
+        .await
+        .map_err(|e| Error::Weights(format!("loading task failed: {e}")))??;
+        // Older versions are not needed any more.
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                if entry.path() != dest
+                    && entry.path().extension().is_some_and(|e| e == "safetensors")
+                {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        tracing::info!(job_id, version, "policy loaded");
+        Ok((fetched, Arc::new(policy)))
+    }
+}
+
+fn version_of(manifest: &WeightManifest) -> u64 {
+    manifest.version.as_ref().map_or(0, |v| v.version)
+}
+
+/// Renews the lease every `interval`; cancels `lost` when the lease is gone.
+async fn heartbeat(
+    mut cluster: ClusterServiceClient<Authed>,
+    member_id: String,
+    interval: Duration,
+    reported: Arc<Reported>,
+    lost: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = lost.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let status = MemberStatus {
+            applied_generation: reported.generation.load(Ordering::Relaxed),
+            policy_version: reported
+                .version
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            ..MemberStatus::default()
+        };
+        match cluster
+            .heartbeat(HeartbeatRequest {
+                member_id: member_id.clone(),
+                status: Some(status),
+            })
+            .await
+        {
+            Ok(beat) if beat.get_ref().lease_valid => {}
+            Ok(_) => {
+                tracing::warn!(%member_id, "the coordinator says the lease expired");
+                lost.cancel();
+                return;
+            }
+            // The coordinator may be restarting; the lease outlives a few
+            // missed beats.
+            Err(status) => tracing::warn!(%member_id, error = %status, "heartbeat failed"),
+        }
+    }
+}
+
+/// Follows the member's assignment; cancels `lost` when the lease is gone.
+async fn follow(
+    mut cluster: ClusterServiceClient<Authed>,
+    member_id: String,
+    assigned: watch::Sender<Assignment>,
+    lost: CancellationToken,
+) {
+    let mut after = 0;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let stream = tokio::select! {
+            () = lost.cancelled() => return,
+            s = cluster.watch_assignment(WatchAssignmentRequest {
+                member_id: member_id.clone(),
+                after_generation: after,
+            }) => s,
+        };
+        let mut stream = match stream {
+            Ok(s) => s.into_inner(),
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                lost.cancel();
+                return;
+            }
+            Err(status) => {
+                tracing::warn!(error = %status, "watching the assignment failed; retrying");
+                tokio::select! {
+                    () = lost.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                () = lost.cancelled() => return,
+                next = stream.next() => next,
+            };
+            match next {
+                Some(Ok(a)) => {
+                    after = a.generation;
+                    backoff = Duration::from_millis(50);
+                    let _ = assigned.send(a);
+                }
+                Some(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                    lost.cancel();
+                    return;
+                }
+                // The coordinator went away or restarted: watch again.
+                Some(Err(_)) | None => break,
+            }
+        }
+    }
+}

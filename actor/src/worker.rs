@@ -17,25 +17,23 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use encore_coordinator::auth::BearerToken;
+use encore_coordinator::member::{ClusterClient, Membership};
 use encore_coordinator::weights::client::{fetch_to_file, tune_endpoint};
 use encore_model::{Policy, SamplingParams};
 use encore_proto::v1::cluster_service_client::ClusterServiceClient;
 use encore_proto::v1::weight_service_client::WeightServiceClient;
 use encore_proto::v1::{
-    ActorAssignment, Assignment, Capabilities, DeregisterRequest, DeviceKind, GetManifestRequest,
-    HeartbeatRequest, MemberStatus, PolicyVersion, RegisterRequest, Resources, Role, Rollout,
-    ScoreItem, ScoredBatch, WatchAssignmentRequest, WeightManifest, assignment,
+    ActorAssignment, Assignment, Capabilities, DeviceKind, GetManifestRequest, Resources, Role,
+    Rollout, ScoreItem, ScoredBatch, WeightManifest, assignment,
 };
 use encore_store::{AppendOutcome, Store, SystemClock};
 use prost::Message;
 use prost_types::Timestamp;
 use tokio::sync::watch;
-use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -47,13 +45,6 @@ use crate::prompts::ShardedPrompts;
 use crate::scoring::RewardClients;
 
 type Authed = InterceptedService<Channel, BearerToken>;
-
-/// What the actor reports in heartbeats.
-#[derive(Debug, Default)]
-struct Reported {
-    generation: AtomicU64,
-    version: std::sync::Mutex<Option<PolicyVersion>>,
-}
 
 /// A running actor's shared parts.
 #[derive(Clone)]
@@ -87,7 +78,7 @@ impl Actor {
         })
     }
 
-    fn cluster(&self) -> ClusterServiceClient<Authed> {
+    fn cluster(&self) -> ClusterClient {
         ClusterServiceClient::with_interceptor(self.channel.clone(), self.token.clone())
     }
 
@@ -125,84 +116,49 @@ impl Actor {
         Ok(())
     }
 
-    /// One membership: register, then heartbeat and work until the lease
-    /// is lost (`LeaseExpired`) or `shutdown` (then deregister, `Ok`).
+    /// One membership: register, then work until the lease is lost
+    /// (`LeaseExpired`) or `shutdown` (then deregister, `Ok`).
     async fn membership(&self, instance: &str, shutdown: &CancellationToken) -> Result<()> {
-        let mut cluster = self.cluster();
-        let registered = cluster
-            .register(RegisterRequest {
-                role: Role::Actor as i32,
-                capabilities: Some(Capabilities {
-                    resources: Some(Resources {
-                        device: if self.device.is_cuda() {
-                            DeviceKind::Cuda
-                        } else {
-                            DeviceKind::Cpu
-                        } as i32,
-                        device_count: u32::from(self.device.is_cuda()),
-                        cpu_cores: std::thread::available_parallelism()
-                            .map_or(1, |n| n.get() as u32),
-                        ..Resources::default()
-                    }),
-                    software_version: encore_coordinator::cluster::SOFTWARE_VERSION.into(),
-                    ..Capabilities::default()
-                }),
-                instance_id: instance.to_owned(),
-            })
-            .await
-            .map_err(|s| Error::rpc("Register", s))?
-            .into_inner();
-        let member_id = registered.member_id;
-        let interval = registered
-            .heartbeat_interval
-            .and_then(|d| Duration::try_from(d).ok())
-            .unwrap_or(Duration::from_secs(5));
-        tracing::info!(%member_id, "registered");
-
-        let lost = shutdown.child_token();
-        let reported = Arc::new(Reported::default());
-        let (assigned_tx, assigned_rx) = watch::channel(Assignment::default());
-        let heartbeat = tokio::spawn(heartbeat(
+        let capabilities = Capabilities {
+            resources: Some(Resources {
+                device: if self.device.is_cuda() {
+                    DeviceKind::Cuda
+                } else {
+                    DeviceKind::Cpu
+                } as i32,
+                device_count: u32::from(self.device.is_cuda()),
+                cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+                ..Resources::default()
+            }),
+            software_version: encore_coordinator::cluster::SOFTWARE_VERSION.into(),
+            ..Capabilities::default()
+        };
+        let membership = Membership::join(
             self.cluster(),
-            member_id.clone(),
-            interval,
-            reported.clone(),
-            lost.clone(),
-        ));
-        let follower = tokio::spawn(follow(
-            self.cluster(),
-            member_id.clone(),
-            assigned_tx,
-            lost.clone(),
-        ));
-        let worked = self.work(&member_id, assigned_rx, &reported, &lost).await;
-        lost.cancel();
-        let _ = heartbeat.await;
-        let _ = follower.await;
+            Role::Actor,
+            capabilities,
+            instance,
+            shutdown,
+        )
+        .await
+        .map_err(|s| Error::rpc("Register", s))?;
+        let worked = self.work(&membership).await;
+        membership.leave("shutdown").await;
         if shutdown.is_cancelled() {
-            let _ = cluster
-                .deregister(DeregisterRequest {
-                    member_id: member_id.clone(),
-                    reason: "shutdown".into(),
-                })
-                .await;
-            tracing::info!(%member_id, "deregistered");
             return Ok(());
         }
         match worked {
+            // The work only ends on its own when the lease is gone.
             Err(Error::ShuttingDown) | Ok(()) => Err(Error::LeaseExpired),
             Err(e) => Err(e),
         }
     }
 
     /// Runs each assignment as it comes until `lost` fires.
-    async fn work(
-        &self,
-        member_id: &str,
-        mut assigned: watch::Receiver<Assignment>,
-        reported: &Reported,
-        lost: &CancellationToken,
-    ) -> Result<()> {
+    async fn work(&self, membership: &Membership) -> Result<()> {
+        let member_id = membership.member_id.as_str();
+        let mut assigned = membership.assignments.clone();
+        let lost = &membership.lost;
         loop {
             let current = assigned.borrow_and_update().clone();
             let generation = current.generation;
@@ -212,13 +168,13 @@ impl Actor {
                 }
                 _ => None,
             };
-            reported.generation.store(generation, Ordering::Relaxed);
+            membership.update_status(|s| s.applied_generation = generation);
             let outcome = match job {
                 Some((job_id, work, queue)) => {
                     let changed = assigned.clone();
                     let uri = queue.map(|q| q.uri).unwrap_or_default();
                     self.run_job(
-                        member_id, &job_id, &work, &uri, changed, generation, reported, lost,
+                        member_id, &job_id, &work, &uri, changed, generation, membership,
                     )
                     .await
                 }
@@ -250,9 +206,9 @@ impl Actor {
         queue_uri: &str,
         assigned: watch::Receiver<Assignment>,
         generation: u64,
-        reported: &Reported,
-        lost: &CancellationToken,
+        membership: &Membership,
     ) -> Result<()> {
+        let lost = &membership.lost;
         tracing::info!(job_id, stage = %work.stage, generation, "working on job");
         let cancel = lost.child_token();
         // Ends the batch loop's waits as soon as the assignment changes.
@@ -269,7 +225,7 @@ impl Actor {
             })
         };
         let result = self
-            .batches(member_id, job_id, work, queue_uri, reported, &cancel)
+            .batches(member_id, job_id, work, queue_uri, membership, &cancel)
             .await;
         watcher.abort();
         match result {
@@ -284,7 +240,7 @@ impl Actor {
         job_id: &str,
         work: &ActorAssignment,
         queue_uri: &str,
-        reported: &Reported,
+        membership: &Membership,
         cancel: &CancellationToken,
     ) -> Result<()> {
         let mut prompts = ShardedPrompts::new(
@@ -315,8 +271,8 @@ impl Actor {
                 .is_none_or(|(m, _)| version_of(m) < version_of(&latest));
             if newer {
                 let loaded = self.load(job_id, &latest, cancel).await?;
-                *reported.version.lock().unwrap_or_else(|p| p.into_inner()) =
-                    loaded.0.version.clone();
+                let version = loaded.0.version.clone();
+                membership.update_status(|s| s.policy_version = version);
                 policy = Some(loaded);
             }
             let Some((manifest, current)) = policy.clone() else {
@@ -528,103 +484,4 @@ impl Actor {
 
 fn version_of(manifest: &WeightManifest) -> u64 {
     manifest.version.as_ref().map_or(0, |v| v.version)
-}
-
-/// Renews the lease every `interval`; cancels `lost` when the lease is gone.
-async fn heartbeat(
-    mut cluster: ClusterServiceClient<Authed>,
-    member_id: String,
-    interval: Duration,
-    reported: Arc<Reported>,
-    lost: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = lost.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let status = MemberStatus {
-            applied_generation: reported.generation.load(Ordering::Relaxed),
-            policy_version: reported
-                .version
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-            ..MemberStatus::default()
-        };
-        match cluster
-            .heartbeat(HeartbeatRequest {
-                member_id: member_id.clone(),
-                status: Some(status),
-            })
-            .await
-        {
-            Ok(beat) if beat.get_ref().lease_valid => {}
-            Ok(_) => {
-                tracing::warn!(%member_id, "the coordinator says the lease expired");
-                lost.cancel();
-                return;
-            }
-            // The coordinator may be restarting; the lease outlives a few
-            // missed beats.
-            Err(status) => tracing::warn!(%member_id, error = %status, "heartbeat failed"),
-        }
-    }
-}
-
-/// Follows the member's assignment; cancels `lost` when the lease is gone.
-async fn follow(
-    mut cluster: ClusterServiceClient<Authed>,
-    member_id: String,
-    assigned: watch::Sender<Assignment>,
-    lost: CancellationToken,
-) {
-    let mut after = 0;
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        let stream = tokio::select! {
-            () = lost.cancelled() => return,
-            s = cluster.watch_assignment(WatchAssignmentRequest {
-                member_id: member_id.clone(),
-                after_generation: after,
-            }) => s,
-        };
-        let mut stream = match stream {
-            Ok(s) => s.into_inner(),
-            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-                lost.cancel();
-                return;
-            }
-            Err(status) => {
-                tracing::warn!(error = %status, "watching the assignment failed; retrying");
-                tokio::select! {
-                    () = lost.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        loop {
-            let next = tokio::select! {
-                () = lost.cancelled() => return,
-                next = stream.next() => next,
-            };
-            match next {
-                Some(Ok(a)) => {
-                    after = a.generation;
-                    backoff = Duration::from_millis(50);
-                    let _ = assigned.send(a);
-                }
-                Some(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
-                    lost.cancel();
-                    return;
-                }
-                // The coordinator went away or restarted: watch again.
-                Some(Err(_)) | None => break,
-            }
-        }
-    }
 }

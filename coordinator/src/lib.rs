@@ -18,6 +18,8 @@
 //!   and live jobs into assignments and moves jobs from PENDING to RUNNING.
 //! - [`weights`]: WeightService, the blob directory, its garbage collection,
 //!   and the client side of publishing and fetching.
+//! - [`member`]: the member side of ClusterService (register, heartbeat,
+//!   follow the assignment) for actors, learner ranks and reward servers.
 //! - [`auth`]: bearer tokens (clients and workers); [`config`]; [`error`]
 //!   (the one conversion to `tonic::Status`); [`metrics`]; [`server`]
 //!   (start-up, TLS, health, reflection, shutdown).
@@ -29,6 +31,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod jobs;
+pub mod member;
 pub mod metrics;
 pub mod reconcile;
 mod records;

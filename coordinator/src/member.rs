@@ -1,0 +1,240 @@
+//! The member side of ClusterService, for every process that joins a
+//! cluster (actors, learner ranks, reward servers): register, renew the
+//! lease in the background, follow the assignment, and notice when the
+//! lease is gone.
+//!
+//! ```text
+//!  Membership::join ──Register──▶ member id, lease, heartbeat interval
+//!     heartbeat task ──Heartbeat(status)──▶ lease renewed; lease_valid=false ─▶ `lost`
+//!     follow task    ──WatchAssignment──▶ `assignments` (a watch channel); LEASE_EXPIRED ─▶ `lost`
+//!  Membership::leave ──Deregister──▶ work freed at once
+//! ```
+//!
+//! A coordinator that restarts is not a lost lease: heartbeats that fail
+//! are retried (the lease outlives a few), and the assignment stream is
+//! opened again from the last generation seen.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use encore_proto::v1::cluster_service_client::ClusterServiceClient;
+use encore_proto::v1::{
+    Assignment, Capabilities, DeregisterRequest, HeartbeatRequest, MemberStatus, RegisterRequest,
+    Role, WatchAssignmentRequest,
+};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::auth::BearerToken;
+
+/// A ClusterService client carrying the worker token.
+pub type ClusterClient = ClusterServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// Longest pause between tries to re-open the assignment stream.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A live membership.
+#[derive(Debug)]
+pub struct Membership {
+    /// The coordinator-assigned member id.
+    pub member_id: String,
+    /// The current assignment; changes wake receivers.
+    pub assignments: watch::Receiver<Assignment>,
+    /// Cancelled when the lease is gone (or the membership is left): stop
+    /// the work and join again.
+    pub lost: CancellationToken,
+    status: Arc<Mutex<MemberStatus>>,
+    cluster: ClusterClient,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Membership {
+    /// Registers as `role` with `capabilities` under `instance_id`, and
+    /// starts the heartbeat and the assignment follower. `parent`
+    /// cancelling ends them too.
+    pub async fn join(
+        mut cluster: ClusterClient,
+        role: Role,
+        capabilities: Capabilities,
+        instance_id: &str,
+        parent: &CancellationToken,
+    ) -> Result<Self, tonic::Status> {
+        let registered = cluster
+            .register(RegisterRequest {
+                role: role as i32,
+                capabilities: Some(capabilities),
+                instance_id: instance_id.to_owned(),
+            })
+            .await?
+            .into_inner();
+        let member_id = registered.member_id;
+        let interval = registered
+            .heartbeat_interval
+            .and_then(|d| Duration::try_from(d).ok())
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::from_secs(5));
+        tracing::info!(%member_id, role = role.as_str_name(), "registered");
+        let lost = parent.child_token();
+        let status = Arc::new(Mutex::new(MemberStatus::default()));
+        let (tx, assignments) = watch::channel(Assignment::default());
+        let tasks = vec![
+            tokio::spawn(heartbeat(
+                cluster.clone(),
+                member_id.clone(),
+                interval,
+                status.clone(),
+                lost.clone(),
+            )),
+            tokio::spawn(follow(cluster.clone(), member_id.clone(), tx, lost.clone())),
+        ];
+        Ok(Self {
+            member_id,
+            assignments,
+            lost,
+            status,
+            cluster,
+            tasks,
+        })
+    }
+
+    /// Changes what the next heartbeats report.
+    pub fn update_status(&self, change: impl FnOnce(&mut MemberStatus)) {
+        change(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Sends a heartbeat now (for example with an NCCL unique id that the
+    /// other ranks are waiting for); a failure is left to the next beat.
+    pub async fn beat_now(&self) {
+        let status = self.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let _ = self
+            .cluster
+            .clone()
+            .heartbeat(HeartbeatRequest {
+                member_id: self.member_id.clone(),
+                status: Some(status),
+            })
+            .await;
+    }
+
+    /// Stops the background tasks and, unless the lease is already gone,
+    /// deregisters so the work is freed at once.
+    pub async fn leave(mut self, reason: &str) {
+        let was_lost = self.lost.is_cancelled();
+        self.lost.cancel();
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        if !was_lost {
+            let _ = self
+                .cluster
+                .deregister(DeregisterRequest {
+                    member_id: self.member_id.clone(),
+                    reason: reason.to_owned(),
+                })
+                .await;
+            tracing::info!(member_id = %self.member_id, reason, "deregistered");
+        }
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.lost.cancel();
+    }
+}
+
+/// Renews the lease every `interval`; cancels `lost` when it is gone.
+async fn heartbeat(
+    mut cluster: ClusterClient,
+    member_id: String,
+    interval: Duration,
+    status: Arc<Mutex<MemberStatus>>,
+    lost: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = lost.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let current = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let beat = tokio::select! {
+            () = lost.cancelled() => return,
+            beat = cluster.heartbeat(HeartbeatRequest {
+                member_id: member_id.clone(),
+                status: Some(current),
+            }) => beat,
+        };
+        match beat {
+            Ok(beat) if beat.get_ref().lease_valid => {}
+            Ok(_) => {
+                tracing::warn!(%member_id, "the coordinator says the lease expired");
+                lost.cancel();
+                return;
+            }
+            // The coordinator may be restarting; the lease outlives a few
+            // missed beats.
+            Err(status) => tracing::warn!(%member_id, error = %status, "heartbeat failed"),
+        }
+    }
+}
+
+/// Follows the member's assignment; cancels `lost` when the lease is gone.
+async fn follow(
+    mut cluster: ClusterClient,
+    member_id: String,
+    assigned: watch::Sender<Assignment>,
+    lost: CancellationToken,
+) {
+    let mut after = 0;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let opened = tokio::select! {
+            () = lost.cancelled() => return,
+            opened = cluster.watch_assignment(WatchAssignmentRequest {
+                member_id: member_id.clone(),
+                after_generation: after,
+            }) => opened,
+        };
+        let mut stream = match opened {
+            Ok(stream) => stream.into_inner(),
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                lost.cancel();
+                return;
+            }
+            Err(status) => {
+                tracing::warn!(error = %status, "watching the assignment failed; retrying");
+                tokio::select! {
+                    () = lost.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                () = lost.cancelled() => return,
+                next = stream.next() => next,
+            };
+            match next {
+                Some(Ok(assignment)) => {
+                    after = assignment.generation;
+                    backoff = Duration::from_millis(50);
+                    let _ = assigned.send(assignment);
+                }
+                Some(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                    lost.cancel();
+                    return;
+                }
+                // The coordinator went away or restarted: watch again.
+                Some(Err(_)) | None => break,
+            }
+        }
+    }
+}

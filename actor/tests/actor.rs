@@ -47,11 +47,15 @@ fn tiny_reward(kind: RewardKind) -> RewardModel {
     RewardModel::fresh(cfg, &Device::Cpu, 7).unwrap()
 }
 
-async fn reward_server(port: u16) -> (RunningServer, CancellationToken) {
+/// A reward server on `port` that joins the coordinator at `coordinator`
+/// itself, as its binary does with `--coordinator`.
+async fn reward_server(port: u16, coordinator: &str) -> (RunningServer, CancellationToken) {
     let config = RewardServerConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], port)),
         admin: SocketAddr::from(([127, 0, 0, 1], 0)),
         shutdown_grace_ms: 500,
+        coordinator: coordinator.to_owned(),
+        worker_token: Some(WORKER.into()),
         ..RewardServerConfig::default()
     };
     let shutdown = CancellationToken::new();
@@ -199,7 +203,7 @@ async fn an_actor_samples_scores_and_queues_rollouts_and_follows_new_weights() {
         .unwrap();
 
     let reward_port = free_port();
-    let (rewards, stop_rewards) = reward_server(reward_port).await;
+    let (rewards, stop_rewards) = reward_server(reward_port, &url).await;
     let mut cluster =
         ClusterServiceClient::with_interceptor(channel.clone(), BearerToken::new(WORKER).unwrap());
     let register = |role: Role, address: String, models: Vec<&str>| RegisterRequest {
@@ -219,14 +223,6 @@ async fn an_actor_samples_scores_and_queues_rollouts_and_follows_new_weights() {
         }),
         instance_id: format!("{role:?}"),
     };
-    cluster
-        .register(register(
-            Role::RewardServer,
-            rewards.grpc_addr().to_string(),
-            vec!["quality", "adherence"],
-        ))
-        .await
-        .unwrap();
     // The learner rank is played by the test: it publishes the weights.
     cluster
         .register(register(Role::Learner, "127.0.0.1:7000".into(), vec![]))
@@ -307,8 +303,9 @@ async fn an_actor_samples_scores_and_queues_rollouts_and_follows_new_weights() {
     });
     picked_up.await.expect("version 1 sampled from");
 
-    // The reward server goes away: the actor stalls (the queue stays
-    // empty after what was in flight), then carries on once it is back.
+    // The reward server goes away (and deregisters): the actor stalls (the
+    // queue stays empty after what was in flight), then carries on once the
+    // server is back and has joined again.
     stop_rewards.cancel();
     rewards.wait().await.unwrap();
     while store.queue_len(&job_id).await.unwrap() > 0 {
@@ -318,7 +315,7 @@ async fn an_actor_samples_scores_and_queues_rollouts_and_follows_new_weights() {
         !actor.is_finished(),
         "the actor survives a missing reward server"
     );
-    let (rewards, stop_rewards) = reward_server(reward_port).await;
+    let (rewards, stop_rewards) = reward_server(reward_port, &url).await;
     let batch = next_batch(&*store, &job_id).await;
     assert_eq!(batch.rollouts.len(), (2 * K) as usize);
 

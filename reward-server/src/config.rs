@@ -75,6 +75,18 @@ pub struct Config {
     /// How long shutdown waits for in-flight requests before it stops
     /// anyway, in milliseconds.
     pub shutdown_grace_ms: u64,
+    /// The coordinator to join as a reward server (its gRPC URL), so that
+    /// jobs find the models hosted here; empty runs stand-alone.
+    pub coordinator: String,
+    /// The worker token presented to the coordinator (or
+    /// `worker_token_file`).
+    pub worker_token: Option<String>,
+    /// A file holding the worker token.
+    pub worker_token_file: Option<PathBuf>,
+    /// host:port actors reach this server at, as told to the coordinator;
+    /// empty means the bound gRPC address (fine on one machine; on
+    /// Kubernetes, the pod's DNS name or IP).
+    pub advertise: String,
 }
 
 impl Default for Config {
@@ -90,6 +102,10 @@ impl Default for Config {
             max_caption_bytes: 1024,
             device: "cpu".into(),
             shutdown_grace_ms: 10_000,
+            coordinator: String::new(),
+            worker_token: None,
+            worker_token_file: None,
+            advertise: String::new(),
         }
     }
 }
@@ -146,6 +162,17 @@ impl Config {
         if self.max_caption_bytes == 0 {
             return bad("max_caption_bytes", "must be at least 1".into());
         }
+        if !self.coordinator.is_empty() {
+            if !(self.coordinator.starts_with("http://")
+                || self.coordinator.starts_with("https://"))
+            {
+                return bad(
+                    "coordinator",
+                    format!("expected http(s)://HOST:PORT, got {:?}", self.coordinator),
+                );
+            }
+            self.worker_token()?;
+        }
         if let Err(e) = encore_model::device(&self.device) {
             return bad("device", e.to_string());
         }
@@ -162,6 +189,23 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The worker token (inline or from its file); an error naming the key
+    /// when a coordinator is configured without one.
+    pub fn worker_token(&self) -> Result<String> {
+        encore_config::secret(
+            &format!("{SECTION}.worker_token"),
+            self.worker_token.as_deref(),
+            self.worker_token_file.as_deref(),
+        )
+        .map_err(|e| Error::Config(e.to_string()))?
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "{SECTION}.worker_token: required to join the coordinator (or worker_token_file, \
+                 or ENCORE_REWARD_SERVER__WORKER_TOKEN)"
+            ))
+        })
     }
 
     /// `max_wait_ms` as a duration.
@@ -250,11 +294,34 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_grace_ms: Option<u64>,
+    /// The coordinator to join, e.g. http://127.0.0.1:50051 [default: none].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
+    /// host:port actors reach this server at [default: the bound address].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn joining_a_coordinator_needs_a_worker_token() {
+        let mut config = Config {
+            coordinator: "http://127.0.0.1:50051".into(),
+            ..Config::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("reward_server.worker_token"), "{err}");
+        config.worker_token = Some("w".into());
+        config.validate().unwrap();
+        config.coordinator = "127.0.0.1:50051".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("reward_server.coordinator"), "{err}");
+    }
 
     #[test]
     fn the_defaults_are_valid() {

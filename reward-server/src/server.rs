@@ -16,7 +16,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use candle_core::Device;
+use encore_coordinator::auth::BearerToken;
+use encore_coordinator::member::Membership;
+use encore_proto::v1::cluster_service_client::ClusterServiceClient;
 use encore_proto::v1::reward_service_server::RewardServiceServer;
+use encore_proto::v1::{Capabilities, DeviceKind, ModelRef, Resources, Role};
 use encore_proto::v1::{InputConstraints, OutputRange, RewardKind as ProtoKind, RewardModelInfo};
 use encore_reward::{CODEC_ID, RewardKind, RewardModel};
 use encore_telemetry::grpc::ServingStatus;
@@ -143,6 +147,14 @@ impl ServerBuilder {
         )
         .await?;
 
+        let hosted: Vec<ModelRef> = models
+            .iter()
+            .map(|(name, model)| ModelRef {
+                name: name.clone(),
+                uri: String::new(),
+                sha256: model.sha256().to_owned(),
+            })
+            .collect();
         let (service, workers, max_tokens) = match spawn_models(models, &config, &gate, &metrics) {
             Ok(spawned) => spawned,
             Err(e) => {
@@ -173,14 +185,36 @@ impl ServerBuilder {
             .add_service(reward)
             .serve_with_incoming_shutdown(incoming, signal);
 
-        let task = tokio::spawn(run_until_drained(
+        let membership = if config.coordinator.is_empty() {
+            None
+        } else {
+            let advertise = if config.advertise.is_empty() {
+                grpc_addr.to_string()
+            } else {
+                config.advertise.clone()
+            };
+            Some(tokio::spawn(join_cluster(
+                config.clone(),
+                hosted,
+                advertise,
+                started.clone(),
+            )))
+        };
+        let drained = run_until_drained(
             serve,
             started,
             config.shutdown_grace(),
             workers,
             gate,
             admin_task,
-        ));
+        );
+        let task = tokio::spawn(async move {
+            let result = drained.await;
+            if let Some(membership) = membership {
+                let _ = membership.await;
+            }
+            result
+        });
         readiness.set_ready();
         tracing::info!(%grpc_addr, %admin_addr, "reward server ready");
         Ok(RunningServer {
@@ -191,6 +225,88 @@ impl ServerBuilder {
             task,
         })
     }
+}
+
+/// Keeps this server a member of the coordinator's cluster, hosting
+/// `models` at `address`, until `shutdown`: joins, rejoins after a lost
+/// lease or while the coordinator is unreachable (with back-off), and
+/// deregisters on the way out. Reward servers get no assignments; they
+/// register so that jobs are routed to the models they host.
+async fn join_cluster(
+    config: Config,
+    models: Vec<ModelRef>,
+    address: String,
+    shutdown: CancellationToken,
+) {
+    let (token, endpoint) = match (
+        config.worker_token(),
+        tonic::transport::Channel::from_shared(config.coordinator.clone()),
+    ) {
+        (Ok(token), Ok(endpoint)) => (token, endpoint),
+        (Err(e), _) => return tracing::error!(error = %e, "cannot join the coordinator"),
+        (_, Err(e)) => return tracing::error!(error = %e, "cannot join the coordinator"),
+    };
+    let token = match BearerToken::new(&token) {
+        Ok(token) => token,
+        Err(e) => return tracing::error!(error = %e, "reward_server.worker_token"),
+    };
+    let channel = endpoint.connect_lazy();
+    let instance = format!("reward-server-{}-{:08x}", std::process::id(), rand_suffix());
+    let capabilities = Capabilities {
+        resources: Some(Resources {
+            device: if config.device.starts_with("cuda") {
+                DeviceKind::Cuda
+            } else {
+                DeviceKind::Cpu
+            } as i32,
+            cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            ..Resources::default()
+        }),
+        models,
+        address,
+        software_version: encore_coordinator::cluster::SOFTWARE_VERSION.into(),
+        ..Capabilities::default()
+    };
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let cluster = ClusterServiceClient::with_interceptor(channel.clone(), token.clone());
+        match Membership::join(
+            cluster,
+            Role::RewardServer,
+            capabilities.clone(),
+            &instance,
+            &shutdown,
+        )
+        .await
+        {
+            Ok(membership) => {
+                backoff = Duration::from_millis(100);
+                membership.lost.cancelled().await;
+                let stopping = shutdown.is_cancelled();
+                membership.leave("shutdown").await;
+                if !stopping {
+                    tracing::warn!("lost the coordinator lease; joining again");
+                }
+            }
+            Err(status) => {
+                tracing::warn!(error = %status, "joining the coordinator failed; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// 32 random bits for an instance id, from the clock and the process id
+/// (no rand dependency for one number).
+fn rand_suffix() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    nanos ^ std::process::id().rotate_left(16)
 }
 
 /// Starts a scoring worker per model and builds the service around their

@@ -20,12 +20,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use encore_coordinator::auth::BearerToken;
-use encore_coordinator::member::{ClusterClient, Membership};
-use encore_coordinator::weights::client::{fetch_to_file, tune_endpoint};
+use encore_coordinator::member::{
+    ClusterClient, CoordinatorClient, Membership, WeightClient, instance_id,
+};
+use encore_coordinator::weights::client::fetch_to_file;
 use encore_model::{Policy, SamplingParams};
-use encore_proto::v1::cluster_service_client::ClusterServiceClient;
-use encore_proto::v1::weight_service_client::WeightServiceClient;
 use encore_proto::v1::{
     ActorAssignment, Assignment, Capabilities, DeviceKind, GetManifestRequest, Resources, Role,
     Rollout, ScoreItem, ScoredBatch, WeightManifest, assignment,
@@ -35,8 +34,6 @@ use prost::Message;
 use prost_types::Timestamp;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -44,16 +41,13 @@ use crate::metrics::Metrics;
 use crate::prompts::ShardedPrompts;
 use crate::scoring::RewardClients;
 
-type Authed = InterceptedService<Channel, BearerToken>;
-
 /// A running actor's shared parts.
 #[derive(Clone)]
 pub struct Actor {
     config: Config,
     metrics: Metrics,
     device: Device,
-    channel: Channel,
-    token: BearerToken,
+    coordinator: CoordinatorClient,
 }
 
 impl Actor {
@@ -61,37 +55,29 @@ impl Actor {
     pub fn new(config: Config, metrics: Metrics) -> Result<Self> {
         let device = encore_model::device(&config.device)
             .map_err(|e| Error::Config(format!("actor.device: {e}")))?;
-        let token = BearerToken::new(&config.token()?)
-            .map_err(|e| Error::Config(format!("actor.worker_token: {e}")))?;
-        let endpoint = Channel::from_shared(config.coordinator.clone())
-            .map_err(|e| Error::Config(format!("actor.coordinator: {e}")))?;
-        let channel = tune_endpoint(endpoint)
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let coordinator = CoordinatorClient::new(&config.coordinator, &config.token()?)
+            .map_err(|e| Error::Config(format!("actor.{e}")))?;
         Ok(Self {
             config,
             metrics,
             device,
-            channel,
-            token,
+            coordinator,
         })
     }
 
     fn cluster(&self) -> ClusterClient {
-        ClusterServiceClient::with_interceptor(self.channel.clone(), self.token.clone())
+        self.coordinator.cluster()
     }
 
-    fn weights(&self) -> WeightServiceClient<Authed> {
-        WeightServiceClient::with_interceptor(self.channel.clone(), self.token.clone())
-            .max_decoding_message_size(8 << 20)
+    fn weights(&self) -> WeightClient {
+        self.coordinator.weights()
     }
 
     /// Works until `shutdown`: registers, follows assignments, samples;
     /// registers again after a lost lease; deregisters on the way out.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
         let instance = if self.config.instance_id.is_empty() {
-            format!("actor-{}-{:08x}", std::process::id(), rand::random::<u32>())
+            instance_id("actor")
         } else {
             self.config.instance_id.clone()
         };

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use encore_proto::v1::cluster_service_client::ClusterServiceClient;
+use encore_proto::v1::weight_service_client::WeightServiceClient;
 use encore_proto::v1::{
     Assignment, Capabilities, DeregisterRequest, HeartbeatRequest, MemberStatus, RegisterRequest,
     Role, WatchAssignmentRequest,
@@ -33,6 +34,53 @@ use crate::auth::BearerToken;
 
 /// A ClusterService client carrying the worker token.
 pub type ClusterClient = ClusterServiceClient<InterceptedService<Channel, BearerToken>>;
+/// A WeightService client carrying the worker token.
+pub type WeightClient = WeightServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// The coordinator as a worker process sees it: one lazily connected
+/// channel (HTTP/2 windows widened for weight transfers) and the worker
+/// token, from which the ClusterService and WeightService clients are made.
+#[derive(Debug, Clone)]
+pub struct CoordinatorClient {
+    channel: Channel,
+    token: BearerToken,
+}
+
+impl CoordinatorClient {
+    /// Clients of the coordinator at `url` with `token`; fails, naming the
+    /// problem, on a malformed URL or token. Nothing is connected yet.
+    pub fn new(url: &str, token: &str) -> Result<Self, String> {
+        let token = BearerToken::new(token).map_err(|e| format!("worker_token: {e}"))?;
+        let endpoint =
+            Channel::from_shared(url.to_owned()).map_err(|e| format!("coordinator: {e}"))?;
+        let channel = crate::weights::client::tune_endpoint(endpoint)
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Self { channel, token })
+    }
+
+    /// A ClusterService client.
+    pub fn cluster(&self) -> ClusterClient {
+        ClusterServiceClient::with_interceptor(self.channel.clone(), self.token.clone())
+    }
+
+    /// A WeightService client.
+    pub fn weights(&self) -> WeightClient {
+        WeightServiceClient::with_interceptor(self.channel.clone(), self.token.clone())
+            .max_decoding_message_size(8 << 20)
+    }
+}
+
+/// A fresh instance id for this process: `prefix`, the process id and 32
+/// random bits (a restarted process is a new incarnation).
+pub fn instance_id(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
 
 /// Longest pause between tries to re-open the assignment stream.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -109,7 +157,11 @@ impl Membership {
     /// Sends a heartbeat now (for example with an NCCL unique id that the
     /// other ranks are waiting for); a failure is left to the next beat.
     pub async fn beat_now(&self) {
-        let status = self.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let status = self
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let _ = self
             .cluster
             .clone()

@@ -1,0 +1,69 @@
+//! The learner crate's error type.
+//!
+//! One enum for everything the learner can fail at, from a malformed batch to
+//! a checkpoint that cannot be read; the learner process maps it to a job
+//! failure or a dropped batch in one place. Variants are added as the
+//! learner grows (collective, queue, coordinator), so match on it with a
+//! wildcard arm outside this crate.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong turning rollouts into policy updates.
+#[derive(Debug, thiserror::Error)]
+pub enum LearnerError {
+    /// The policy model failed (building it, running it, loading a base
+    /// checkpoint).
+    #[error("model: {0}")]
+    Model(#[from] encore_model::ModelError),
+    /// A tensor operation failed (shape mismatch inside candle, device
+    /// error).
+    #[error("tensor: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// A file system operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A learner checkpoint file is missing, malformed or does not fit the
+    /// policy or optimiser it is loaded into.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The file (or directory) concerned.
+        path: PathBuf,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// A batch, or an argument built from one, is unusable (missing or
+    /// non-finite score, wrong group size, mismatched shapes); the message
+    /// names the offending field.
+    #[error("invalid batch: {0}")]
+    InvalidBatch(String),
+    /// A hyper-parameter is out of range; the message names the key.
+    #[error("{0}")]
+    Config(String),
+    /// Saved state (optimiser moments, gradients by name) does not fit what
+    /// it is loaded into; the message names the entry.
+    #[error("state mismatch: {0}")]
+    StateMismatch(String),
+}
+
+impl LearnerError {
+    /// An [`LearnerError::Io`] for `path`.
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A [`LearnerError::Checkpoint`] for `path`.
+    pub(crate) fn checkpoint(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
+        Self::Checkpoint {
+            path: path.into(),
+            reason: reason.to_string(),
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! One learner step on one rank, identical in result to the same step on
+//! one rank over the global batch:
+//!
+//! ```text
+//!  this rank's rollouts (whole groups of K)
+//!   └─ raw scores ── local sums ──all-reduce──▶ global batch statistics
+//!        └─ RewardNormalizer::update (same on every rank) ─▶ combined reward per rollout
+//!             └─ leave-one-out baseline per group ─▶ advantage per rollout
+//!  micro-batches: policy log-probs (differentiable), reference log-probs,
+//!   behaviour log-probs ─▶ policy_loss(sum over tokens / global token count)
+//!   └─ backward ─▶ flat gradient (accumulated) ──all-reduce──▶ global gradient
+//!        └─ clip to max_grad_norm ─▶ AdamW step (same on every rank)
+//! ```
+//!
+//! Every quantity that depends on the whole batch (reward statistics, the
+//! token count that normalises the loss, the gradient, the reported
+//! statistics) is summed across ranks before use, so ranks keep
+//! bit-identical weights and two ranks take the step one rank would take
+//! on their union (up to float summation order). Groups are never split
+//! across ranks: the leave-one-out baseline needs all K samples.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{DType, Device, Tensor, Var};
+use encore_model::{Policy, TrainablePolicy};
+use encore_proto::v1::Rollout;
+
+use crate::advantage::leave_one_out;
+use crate::collective::Collective;
+use crate::error::LearnerError;
+use crate::loss::{LossConfig, LossInputs, LossStats, pad_rows, policy_loss};
+use crate::normalize::{BatchStats, RewardNormalizer, RewardSpec};
+use crate::optim::{AdamW, clip_global_norm, flatten_grads, unflatten};
+
+/// What one step reports (identical on every rank).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// Raw score statistics of the global batch, by reward model.
+    pub rewards: BTreeMap<String, BatchStats>,
+    /// Mean combined reward of the global batch.
+    pub combined_reward_mean: f64,
+    /// Loss statistics of the global batch.
+    pub loss: LossStats,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Rollouts in the global batch.
+    pub rollouts: u64,
+}
+
+/// The trainable policy, its frozen reference, the optimiser and the
+/// reward normaliser of one rank.
+pub struct Trainer {
+    /// The policy being trained.
+    pub policy: TrainablePolicy,
+    /// The frozen reference policy of the KL term (the base checkpoint).
+    pub reference: Policy,
+    /// Variables in name order: the layout of the flat gradient.
+    pub vars: Vec<(String, Var)>,
+    /// The optimiser.
+    pub optimizer: AdamW,
+    /// Running reward statistics.
+    pub normalizer: RewardNormalizer,
+    /// Loss settings.
+    pub loss: LossConfig,
+    /// Global gradient norm bound.
+    pub max_grad_norm: f64,
+    /// Rollouts per forward and backward pass (0: all at once).
+    pub micro_batch: usize,
+}
+
+/// Sums `values` (f64) across ranks exactly and identically everywhere:
+/// every rank's values are broadcast to all (they are a few numbers), and
+/// each rank adds them in rank order in f64. An f32 all-reduce would round
+/// the statistics that the normaliser and the reports depend on.
+fn all_reduce_f64(
+    collective: &mut dyn Collective,
+    values: &[f64],
+) -> Result<Vec<f64>, LearnerError> {
+    let mut total = vec![0f64; values.len()];
+    for root in 0..collective.world_size() {
+        let mut bytes: Vec<u8> = if root == collective.rank() {
+            values.iter().flat_map(|v| v.to_le_bytes()).collect()
+        } else {
+            Vec::new()
+        };
+        collective
+            .broadcast(&mut bytes, root)
+            .map_err(|e| LearnerError::Config(format!("broadcast: {e}")))?;
+        if bytes.len() != values.len() * 8 {
+            return Err(LearnerError::StateMismatch(format!(
+                "rank {root} sent {} bytes of statistics, expected {}",
+                bytes.len(),
+                values.len() * 8
+            )));
+        }
+        for (t, chunk) in total.iter_mut().zip(bytes.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            *t += f64::from_le_bytes(b);
+        }
+    }
+    Ok(total)
+}
+
+impl Trainer {
+    /// One step on this rank's share `rollouts` (whole groups of
+    /// `group_size`, adjacent) of a global batch, for `stage` scored by
+    /// `specs`. Every rank must call it with the same stage and specs.
+    pub fn step(
+        &mut self,
+        stage: &str,
+        specs: &[RewardSpec],
+        rollouts: &[Rollout],
+        group_size: usize,
+        collective: &mut dyn Collective,
+    ) -> Result<StepReport, LearnerError> {
+        let device = self.policy.policy.device().clone();
+        let scores: Vec<HashMap<String, f64>> = rollouts
+            .iter()
+            .map(|r| r.scores.iter().map(|(k, s)| (k.clone(), s.value)).collect())
+            .collect();
+
+        // Global reward statistics: count, sum and sum of squares per model,
+        // plus the valid tokens of the batch.
+        let local = RewardNormalizer::batch_stats(specs, &scores)?;
+        let tokens_here: u64 = rollouts.iter().map(|r| r.tokens.len() as u64).sum();
+        let mut sums = Vec::with_capacity(specs.len() * 3 + 2);
+        for spec in specs {
+            let s = &local[&spec.model];
+            let n = s.count as f64;
+            sums.extend([n, s.mean * n, (s.var + s.mean * s.mean) * n]);
+        }
+        sums.extend([tokens_here as f64, rollouts.len() as f64]);
+        let sums = all_reduce_f64(collective, &sums)?;
+        let mut global = BTreeMap::new();
+        for (i, spec) in specs.iter().enumerate() {
+            let (n, sum, sq) = (sums[3 * i], sums[3 * i + 1], sums[3 * i + 2]);
+            let mean = if n > 0.0 { sum / n } else { 0.0 };
+            let var = if n > 0.0 {
+                (sq / n - mean * mean).max(0.0)
+            } else {
+                0.0
+            };
+            global.insert(
+                spec.model.clone(),
+                BatchStats {
+                    count: n.round() as u64,
+                    mean,
+                    var,
+                },
+            );
+        }
+        let global_tokens = sums[specs.len() * 3];
+        let global_rollouts = sums[specs.len() * 3 + 1].round() as u64;
+        if global_tokens <= 0.0 {
+            return Err(LearnerError::InvalidBatch(
+                "the global batch holds no tokens".into(),
+            ));
+        }
+        for spec in specs {
+            self.normalizer.update(stage, spec, &global[&spec.model]);
+        }
+        let combined = self.normalizer.combined(stage, specs, &scores)?;
+        let advantages = leave_one_out(&combined, group_size)?;
+
+        // Forward and backward per micro-batch; gradients accumulate in one
+        // flat buffer.
+        let total: usize = self.vars.iter().map(|(_, v)| v.elem_count()).sum();
+        let mut flat = vec![0f32; total];
+        let mut stats = LossStats::default();
+        let step = if self.micro_batch == 0 {
+            rollouts.len().max(1)
+        } else {
+            self.micro_batch
+        };
+        for (chunk, adv) in rollouts.chunks(step).zip(advantages.chunks(step)) {
+            let out = self.micro_step(chunk, adv, global_tokens, &device)?;
+            let grads = out.0.backward()?;
+            for (acc, g) in flat.iter_mut().zip(flatten_grads(&grads, &self.vars)?) {
+                *acc += g;
+            }
+            stats = stats.merge(&out.1);
+        }
+
+        collective
+            .all_reduce_sum(&mut flat)
+            .map_err(|e| LearnerError::Config(format!("all-reduce: {e}")))?;
+        let grad_norm = clip_global_norm(&mut flat, self.max_grad_norm);
+        if !grad_norm.is_finite() {
+            return Err(LearnerError::InvalidBatch(format!(
+                "the gradient norm is {grad_norm}; step skipped"
+            )));
+        }
+        self.optimizer.step_with(&unflatten(&flat, &self.vars)?)?;
+
+        // Reported statistics over the global batch.
+        let combined_sum: f64 = combined.iter().sum();
+        let weighted = [
+            combined_sum,
+            stats.loss,
+            stats.policy_loss,
+            stats.kl_penalty,
+            stats.kl_seq_mean * stats.sequences as f64,
+            stats.kl_k3_mean * stats.tokens as f64,
+            stats.neg_log_prob_mean * stats.tokens as f64,
+            stats.clip_fraction * stats.tokens as f64,
+            stats.ratio_mean * stats.tokens as f64,
+            stats.tokens as f64,
+            stats.sequences as f64,
+        ];
+        let g = all_reduce_f64(collective, &weighted)?;
+        let (tokens, sequences) = (g[9].max(1.0), g[10].max(1.0));
+        Ok(StepReport {
+            rewards: global,
+            combined_reward_mean: g[0] / global_rollouts.max(1) as f64,
+            loss: LossStats {
+                tokens: g[9] as u64,
+                sequences: g[10] as u64,
+                loss: g[1],
+                policy_loss: g[2],
+                kl_penalty: g[3],
+                kl_seq_mean: g[4] / sequences,
+                kl_k3_mean: g[5] / tokens,
+                neg_log_prob_mean: g[6] / tokens,
+                clip_fraction: g[7] / tokens,
+                ratio_mean: g[8] / tokens,
+            },
+            grad_norm,
+            rollouts: global_rollouts,
+        })
+    }
+
+    /// The loss of one micro-batch (its gradient still to be taken).
+    fn micro_step(
+        &self,
+        rollouts: &[Rollout],
+        advantages: &[f64],
+        global_tokens: f64,
+        device: &Device,
+    ) -> Result<(Tensor, LossStats), LearnerError> {
+        let captions: Vec<&str> = rollouts
+            .iter()
+            .map(|r| r.prompt.as_ref().map_or("", |p| p.caption.as_str()))
+            .collect();
+        let text = encore_model::embed_captions(&captions, device)?;
+        let width = rollouts.iter().map(|r| r.tokens.len()).max().unwrap_or(0);
+        if width == 0 {
+            return Err(LearnerError::InvalidBatch("rollouts without tokens".into()));
+        }
+        // Padding repeats token 0; padded positions are masked out of the
+        // loss, and causal attention keeps them from affecting real ones.
+        let mut ids = vec![0u32; rollouts.len() * width];
+        for (row, r) in rollouts.iter().enumerate() {
+            ids[row * width..row * width + r.tokens.len()].copy_from_slice(&r.tokens);
+        }
+        let tokens = Tensor::from_vec(ids, (rollouts.len(), width), device)?;
+        let behaviour: Vec<&[f32]> = rollouts
+            .iter()
+            .map(|r| r.behaviour_log_probs.as_slice())
+            .collect();
+        for (i, r) in rollouts.iter().enumerate() {
+            if r.behaviour_log_probs.len() != r.tokens.len() {
+                return Err(LearnerError::InvalidBatch(format!(
+                    "rollout {}: {} behaviour log-probs for {} tokens",
+                    r.rollout_id,
+                    r.behaviour_log_probs.len(),
+                    rollouts[i].tokens.len()
+                )));
+            }
+        }
+        let (behaviour, mask) = pad_rows(&behaviour, device)?;
+        let log_probs = self.policy.policy.log_probs(&tokens, &text)?;
+        let reference = self.reference.log_probs(&tokens, &text)?.detach();
+        let advantages = Tensor::from_vec(
+            advantages.iter().map(|&a| a as f32).collect::<Vec<_>>(),
+            rollouts.len(),
+            device,
+        )?;
+        let out = policy_loss(
+            &self.loss,
+            &LossInputs {
+                log_probs: &log_probs,
+                behaviour_log_probs: &behaviour,
+                reference_log_probs: &reference,
+                advantages: &advantages,
+                mask: &mask.to_dtype(DType::F32)?,
+                global_tokens,
+            },
+        )?;
+        Ok((out.loss, out.stats))
+    }
+}

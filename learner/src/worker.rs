@@ -1,0 +1,761 @@
+//! The learner rank process: joins the cluster, waits for a learner
+//! assignment, forms the collective with the other ranks, and trains.
+//!
+//! ```text
+//!  assignment (rank, world, peers, spec, checkpoint dir, rollout queue)
+//!   ├─ resume from the latest complete checkpoint (weights, optimiser,
+//!   │  normaliser, step, stage); re-claim queue entries a crashed
+//!   │  incarnation had taken but not acknowledged
+//!   └─ per step: read this rank's share (whole ScoredBatches) from the queue
+//!        ├─ drop on purpose, counted: stale (older than max_staleness
+//!        │  versions), another stage, undecodable
+//!        ├─ Trainer::step (all-reduce, AdamW)             [step.rs]
+//!        ├─ rank 0: publish weights every publish_every_steps,
+//!        │  report the metric point (ClusterService.ReportProgress)
+//!        ├─ checkpoint every checkpoint_every_steps (rank 0 writes; every
+//!        │  rank then acknowledges the entries its steps used: a crash
+//!        │  re-delivers exactly those)
+//!        └─ stage stop conditions: next stage, or the job's end
+//! ```
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use candle_nn::ParamsAdamW;
+use encore_coordinator::member::{
+    ClusterClient, CoordinatorClient, Membership, WeightClient, instance_id,
+};
+use encore_coordinator::weights::client::{PublishData, publish};
+use encore_model::TrainablePolicy;
+use encore_proto::v1::{
+    AlgorithmKind, Capabilities, DeviceKind, GetManifestRequest, JobSpec, JobState,
+    LearnerAssignment, MetricPoint, NormalizationKind as ProtoKind, PublishHeader,
+    ReportProgressRequest, Resources, RewardStats, Role, Rollout, ScoredBatch, Stage, StageChange,
+    StopReason, WeightFormat, assignment,
+};
+use encore_store::{EntryId, QueueEntry, SystemClock};
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::{self, LearnerCheckpoint};
+use crate::collective::{CollectiveConfig, connect};
+use crate::config::Config;
+use crate::error::LearnerError;
+use crate::loss::{Algorithm, LossConfig};
+use crate::normalize::{Normalization, NormalizationKind, RewardSpec};
+use crate::optim::{AdamW, named_vars};
+use crate::step::{StepReport, Trainer};
+
+/// Consumer group of the learner ranks (as the coordinator names it).
+const GROUP: &str = "learners";
+/// How long one queue read blocks before the loop looks around again.
+const READ_BLOCK: Duration = Duration::from_secs(1);
+
+/// A learner rank.
+pub struct Learner {
+    config: Config,
+    device: Device,
+    coordinator: CoordinatorClient,
+    listener: TcpListener,
+    advertise: String,
+}
+
+impl Learner {
+    /// Binds the collective listener and prepares the coordinator channel.
+    pub fn new(config: Config) -> Result<Self, LearnerError> {
+        let device = encore_model::device(&config.device)?;
+        let coordinator = CoordinatorClient::new(&config.coordinator, &config.token()?)
+            .map_err(|e| LearnerError::Config(format!("learner.{e}")))?;
+        let listener = TcpListener::bind(config.listen)
+            .map_err(|e| LearnerError::io(Path::new(&config.listen.to_string()), e))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| LearnerError::io(Path::new(&config.listen.to_string()), e))?;
+        let advertise = if config.advertise.is_empty() {
+            bound.to_string()
+        } else {
+            config.advertise.clone()
+        };
+        Ok(Self {
+            config,
+            device,
+            coordinator,
+            listener,
+            advertise,
+        })
+    }
+
+    fn cluster(&self) -> ClusterClient {
+        self.coordinator.cluster()
+    }
+
+    fn weights(&self) -> WeightClient {
+        self.coordinator.weights()
+    }
+
+    /// Works until `shutdown`: joins, trains each assignment, joins again
+    /// after a lost lease, leaves on the way out.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), LearnerError> {
+        let instance = if self.config.instance_id.is_empty() {
+            instance_id("learner")
+        } else {
+            self.config.instance_id.clone()
+        };
+        let capabilities = Capabilities {
+            resources: Some(Resources {
+                device: if self.device.is_cuda() {
+                    DeviceKind::Cuda
+                } else {
+                    DeviceKind::Cpu
+                } as i32,
+                device_count: u32::from(self.device.is_cuda()),
+                cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+                ..Resources::default()
+            }),
+            address: self.advertise.clone(),
+            software_version: encore_coordinator::cluster::SOFTWARE_VERSION.into(),
+            ..Capabilities::default()
+        };
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let membership = match Membership::join(
+                self.cluster(),
+                Role::Learner,
+                capabilities.clone(),
+                &instance,
+                &shutdown,
+            )
+            .await
+            {
+                Ok(m) => m,
+                Err(status) => {
+                    tracing::warn!(error = %status, "joining the coordinator failed; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            self.follow(&membership).await;
+            membership.leave("shutdown").await;
+        }
+        Ok(())
+    }
+
+    /// Trains each assignment as it comes until the membership ends.
+    async fn follow(&self, membership: &Membership) {
+        let mut assigned = membership.assignments.clone();
+        loop {
+            let current = assigned.borrow_and_update().clone();
+            let generation = current.generation;
+            membership.update_status(|s| s.applied_generation = generation);
+            if let (Some(assignment::Details::Learner(work)), false) =
+                (current.details.clone(), current.job_id.is_empty())
+            {
+                let cancel = membership.lost.child_token();
+                let watcher = {
+                    let cancel = cancel.clone();
+                    let mut assigned = assigned.clone();
+                    tokio::spawn(async move {
+                        while assigned.changed().await.is_ok() {
+                            if assigned.borrow().generation != generation {
+                                break;
+                            }
+                        }
+                        cancel.cancel();
+                    })
+                };
+                let queue_uri = current.rollout_queue.map(|q| q.uri).unwrap_or_default();
+                let result = self
+                    .train(membership, &current.job_id, &work, &queue_uri, &cancel)
+                    .await;
+                watcher.abort();
+                match result {
+                    Ok(()) => tracing::info!(job_id = %current.job_id, "job done on this rank"),
+                    Err(e) if cancel.is_cancelled() => {
+                        tracing::info!(job_id = %current.job_id, reason = %e, "assignment ended")
+                    }
+                    Err(e) => {
+                        tracing::error!(job_id = %current.job_id, error = %e, "training failed")
+                    }
+                }
+            }
+            tokio::select! {
+                () = membership.lost.cancelled() => return,
+                changed = assigned.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    /// Trains `job_id` as rank `work.rank` until the job ends or `cancel`.
+    async fn train(
+        &self,
+        membership: &Membership,
+        job_id: &str,
+        work: &LearnerAssignment,
+        queue_uri: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(), LearnerError> {
+        let spec = work
+            .spec
+            .clone()
+            .ok_or_else(|| LearnerError::Config("the assignment carries no job spec".into()))?;
+        let plan = Plan::from_spec(&spec)?;
+        let rank = work.rank as usize;
+        let world = work.world_size.max(1) as usize;
+        tracing::info!(job_id, rank, world, "training");
+        let store = encore_store::open(queue_uri, Arc::new(SystemClock))
+            .await
+            .map_err(|e| LearnerError::Config(format!("rollout queue {queue_uri:?}: {e}")))?;
+
+        // The collective (blocking: ranks wait for each other).
+        let collective_config =
+            CollectiveConfig::from_assignment(job_id, work, self.config.collective_timeout());
+        let listener = self
+            .listener
+            .try_clone()
+            .map_err(|e| LearnerError::io(Path::new(&self.advertise), e))?;
+        let mut collective =
+            tokio::task::spawn_blocking(move || connect(&collective_config, Some(listener)))
+                .await
+                .map_err(|e| LearnerError::Config(format!("forming the collective: {e}")))?
+                .map_err(|e| LearnerError::Config(format!("forming the collective: {e}")))?;
+
+        // The model, resumed from the latest checkpoint if there is one.
+        let base = base_dir(&spec)?;
+        let checkpoint_root = PathBuf::from(&work.checkpoint_dir);
+        let device = self.device.clone();
+        let (mut trainer, mut state) = {
+            let (plan, root) = (plan.clone(), checkpoint_root.clone());
+            tokio::task::spawn_blocking(move || build_trainer(&base, &root, &plan, &device))
+                .await
+                .map_err(|e| LearnerError::Config(format!("loading the model: {e}")))??
+        };
+        let consumer = format!("rank-{rank}");
+        // Entries a crashed incarnation had taken and not acknowledged are
+        // used again, first: the checkpoint predates them.
+        let mut backlog: VecDeque<QueueEntry> = store
+            .queue_claim_stale(job_id, GROUP, &consumer, Duration::ZERO, 100_000)
+            .await
+            .map_err(|e| LearnerError::Config(format!("rollout queue: {e}")))?
+            .into();
+        if !backlog.is_empty() {
+            tracing::info!(
+                job_id,
+                entries = backlog.len(),
+                "re-delivering unacknowledged rollouts"
+            );
+        }
+        if rank == 0 && state.step == 0 {
+            // Version 0 is the base checkpoint (a retry is a no-op).
+            self.publish(job_id, 0, 0, &plan.stages[0].name, &trainer.policy)
+                .await?;
+        }
+        let mut pending: Vec<EntryId> = Vec::new();
+        let mut recent: VecDeque<f64> = VecDeque::new();
+        loop {
+            let stage = plan.stages[state.stage_index as usize].clone();
+            let specs = reward_specs(&stage)?;
+            let latest = self
+                .latest_version(job_id)
+                .await
+                .unwrap_or(state.policy_version);
+            state.policy_version = state.policy_version.max(latest);
+
+            // This rank's share of the global batch.
+            let share = (plan.batch_size / world).max(plan.k);
+            let mut rollouts: Vec<Rollout> = Vec::with_capacity(share);
+            let started = Instant::now();
+            while rollouts.len() < share {
+                let entry = match backlog.pop_front() {
+                    Some(entry) => entry,
+                    None => {
+                        let read = tokio::select! {
+                            () = cancel.cancelled() => return Err(LearnerError::Config("cancelled".into())),
+                            read = store.queue_read(job_id, GROUP, &consumer, 1, READ_BLOCK) => read,
+                        };
+                        match read
+                            .map_err(|e| LearnerError::Config(format!("rollout queue: {e}")))?
+                            .pop()
+                        {
+                            Some(entry) => entry,
+                            None => continue,
+                        }
+                    }
+                };
+                pending.push(entry.id);
+                match usable(
+                    &entry,
+                    &stage.name,
+                    state.policy_version,
+                    plan.max_staleness,
+                ) {
+                    Ok(batch) => rollouts.extend(batch.rollouts),
+                    Err((reason, n)) => {
+                        state.rollouts_dropped_total += n;
+                        *state.dropped_by_reason.entry(reason.into()).or_default() += n;
+                    }
+                }
+            }
+
+            // The step itself, on a blocking thread.
+            let n = rollouts.len() as u64;
+            let tokens: u64 = rollouts.iter().map(|r| r.tokens.len() as u64).sum();
+            let staleness: Vec<u64> = rollouts
+                .iter()
+                .map(|r| {
+                    state
+                        .policy_version
+                        .saturating_sub(r.policy_version.as_ref().map_or(0, |v| v.version))
+                })
+                .collect();
+            let (stage_name, k) = (stage.name.clone(), plan.k);
+            let (back, report) = tokio::task::spawn_blocking(move || {
+                let report = trainer.step(&stage_name, &specs, &rollouts, k, collective.as_mut());
+                ((trainer, collective), report)
+            })
+            .await
+            .map_err(|e| LearnerError::Config(format!("the step panicked: {e}")))?;
+            (trainer, collective) = back;
+            let report = report?;
+            let took = started.elapsed();
+            state.step += 1;
+            state.rollouts_consumed_total += n;
+            recent.push_back(report.combined_reward_mean);
+            while recent.len() > stage.stop.as_ref().map_or(10, |s| s.target_window.max(1)) as usize
+            {
+                recent.pop_front();
+            }
+
+            // Publish, then report, then checkpoint.
+            if rank == 0 && state.step % plan.publish_every == 0 {
+                state.policy_version += 1;
+                self.publish(
+                    job_id,
+                    state.policy_version,
+                    state.step,
+                    &stage.name,
+                    &trainer.policy,
+                )
+                .await?;
+                membership.update_status(|s| {
+                    s.policy_version = Some(encore_proto::v1::PolicyVersion {
+                        job_id: job_id.to_owned(),
+                        version: state.policy_version,
+                        sha256: String::new(),
+                    })
+                });
+            }
+            let stop = stop_reason(&stage, &state, &recent);
+            let last_stage = state.stage_index as usize + 1 >= plan.stages.len();
+            let checkpoint_now = state.step % plan.checkpoint_every == 0 || stop.is_some();
+            if checkpoint_now {
+                trainer.normalizer.clone_into(&mut state.normalizer);
+                state.queue_position = pending.last().map(ToString::to_string);
+                if rank == 0 {
+                    let (root, st, keep) = (
+                        checkpoint_root.clone(),
+                        state.clone(),
+                        self.config.keep_checkpoints,
+                    );
+                    let (back, saved) = tokio::task::spawn_blocking(move || {
+                        let saved =
+                            checkpoint::save(&root, &st, &trainer.policy, &trainer.optimizer, keep);
+                        (trainer, saved)
+                    })
+                    .await
+                    .map_err(|e| LearnerError::Config(format!("checkpointing panicked: {e}")))?;
+                    trainer = back;
+                    saved?;
+                }
+                // Every rank acknowledges only once the checkpoint that
+                // covers its entries is durable.
+                let (back, barrier) = tokio::task::spawn_blocking(move || {
+                    let r = collective.barrier();
+                    (collective, r)
+                })
+                .await
+                .map_err(|e| LearnerError::Config(format!("barrier panicked: {e}")))?;
+                collective = back;
+                barrier.map_err(|e| LearnerError::Config(format!("barrier: {e}")))?;
+                store
+                    .queue_ack(job_id, GROUP, &pending)
+                    .await
+                    .map_err(|e| LearnerError::Config(format!("rollout queue: {e}")))?;
+                pending.clear();
+            }
+            if rank == 0 {
+                let point =
+                    metric_point(&state, &stage, &report, took, tokens, &staleness, &trainer);
+                let stage_change = match (stop, last_stage) {
+                    (Some(_), false) => Some(StageChange {
+                        stage_index: state.stage_index + 1,
+                        stage: plan.stages[state.stage_index as usize + 1].name.clone(),
+                        step: state.step,
+                    }),
+                    _ => None,
+                };
+                let job_stop = if last_stage { stop } else { None };
+                let answer = self
+                    .report(membership, job_id, point, stage_change, job_stop)
+                    .await?;
+                if JobState::try_from(answer).is_ok_and(JobState::is_terminal) {
+                    tracing::info!(job_id, step = state.step, "the job has ended");
+                    return Ok(());
+                }
+            }
+            match (stop, last_stage) {
+                (Some(_), true) => return Ok(()),
+                (Some(_), false) => {
+                    state.stage_index += 1;
+                    state.stage = plan.stages[state.stage_index as usize].name.clone();
+                    state.stage_start_step = state.step;
+                    recent.clear();
+                }
+                (None, _) => {}
+            }
+            if cancel.is_cancelled() {
+                return Err(LearnerError::Config("cancelled".into()));
+            }
+        }
+    }
+
+    async fn latest_version(&self, job_id: &str) -> Option<u64> {
+        self.weights()
+            .get_manifest(GetManifestRequest {
+                job_id: job_id.to_owned(),
+                version: None,
+            })
+            .await
+            .ok()
+            .and_then(|m| m.into_inner().version.map(|v| v.version))
+    }
+
+    /// Publishes the policy's weights as `version`.
+    async fn publish(
+        &self,
+        job_id: &str,
+        version: u64,
+        step: u64,
+        stage: &str,
+        policy: &TrainablePolicy,
+    ) -> Result<(), LearnerError> {
+        let dir = self.config.work_dir.join(job_id);
+        std::fs::create_dir_all(&dir).map_err(|e| LearnerError::io(&dir, e))?;
+        let path = dir.join(format!("v{version}.safetensors"));
+        let tensors: std::collections::HashMap<String, candle_core::Tensor> =
+            policy.named_tensors().into_iter().collect();
+        candle_core::safetensors::save(&tensors, &path)?;
+        let config = serde_json::to_string(policy.policy.config())
+            .map_err(|e| LearnerError::Config(format!("policy config: {e}")))?;
+        let mut client = self.weights();
+        let published = publish(
+            &mut client,
+            PublishHeader {
+                job_id: job_id.to_owned(),
+                version,
+                format: WeightFormat::Safetensors as i32,
+                model_config_json: config,
+                step,
+                stage: stage.to_owned(),
+                ..PublishHeader::default()
+            },
+            PublishData::File(path.clone()),
+            1 << 20,
+        )
+        .await;
+        let _ = std::fs::remove_file(&path);
+        match published {
+            Ok(_) => Ok(()),
+            // Already above this version (a resumed rank 0 publishing again):
+            // the committed one stands.
+            Err(e)
+                if e.to_string().contains("VERSION_NOT_MONOTONIC")
+                    || e.to_string().contains("not above") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(LearnerError::Config(format!(
+                "publishing version {version}: {e}"
+            ))),
+        }
+    }
+
+    async fn report(
+        &self,
+        membership: &Membership,
+        job_id: &str,
+        point: MetricPoint,
+        stage_change: Option<StageChange>,
+        stop: Option<StopReason>,
+    ) -> Result<i32, LearnerError> {
+        let answer = self
+            .cluster()
+            .report_progress(ReportProgressRequest {
+                member_id: membership.member_id.clone(),
+                job_id: job_id.to_owned(),
+                metrics: vec![point],
+                stage_change,
+                stop_reason: stop.map_or(0, |s| s as i32),
+                failure_message: String::new(),
+            })
+            .await
+            .map_err(|s| LearnerError::Config(format!("ReportProgress: {s}")))?;
+        Ok(answer.into_inner().state)
+    }
+}
+
+/// What a job's spec says about training, in the learner's terms.
+#[derive(Debug, Clone)]
+struct Plan {
+    stages: Vec<Stage>,
+    k: usize,
+    batch_size: usize,
+    max_staleness: u64,
+    publish_every: u64,
+    checkpoint_every: u64,
+    loss: LossConfig,
+    params: ParamsAdamW,
+    max_grad_norm: f64,
+    micro_batch: usize,
+}
+
+impl Plan {
+    fn from_spec(spec: &JobSpec) -> Result<Self, LearnerError> {
+        let algorithm = spec.algorithm.unwrap_or_default();
+        if spec.stages.is_empty() {
+            return Err(LearnerError::Config(
+                "spec.stages: the effective spec has no stages".into(),
+            ));
+        }
+        Ok(Self {
+            stages: spec.stages.clone(),
+            k: algorithm.samples_per_prompt.max(2) as usize,
+            batch_size: algorithm.batch_size.max(1) as usize,
+            max_staleness: u64::from(algorithm.max_staleness.unwrap_or(2)),
+            publish_every: u64::from(spec.publish_every_steps.max(1)),
+            checkpoint_every: u64::from(if spec.checkpoint_every_steps == 0 {
+                50
+            } else {
+                spec.checkpoint_every_steps
+            }),
+            loss: LossConfig {
+                algorithm: if algorithm.kind == AlgorithmKind::Reinforce as i32 {
+                    Algorithm::Reinforce
+                } else {
+                    Algorithm::Ppo
+                },
+                clip_range: algorithm.clip_range.unwrap_or(0.2),
+                kl_coef: algorithm.kl_coef,
+            },
+            params: ParamsAdamW {
+                lr: algorithm.learning_rate,
+                weight_decay: algorithm.weight_decay,
+                ..ParamsAdamW::default()
+            },
+            max_grad_norm: algorithm.max_grad_norm.unwrap_or(1.0),
+            micro_batch: algorithm.micro_batch_size as usize,
+        })
+    }
+}
+
+/// The directory of the base checkpoint (`uri` names it or its weights
+/// file).
+fn base_dir(spec: &JobSpec) -> Result<PathBuf, LearnerError> {
+    let uri = spec
+        .base_checkpoint
+        .as_ref()
+        .map(|m| m.uri.as_str())
+        .unwrap_or_default();
+    let path = PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri));
+    if path.is_dir() {
+        Ok(path)
+    } else if let Some(parent) = path.parent().filter(|_| path.is_file()) {
+        Ok(parent.to_owned())
+    } else {
+        Err(LearnerError::Config(format!(
+            "spec.base_checkpoint.uri: {uri:?} is neither a checkpoint directory nor its weights file"
+        )))
+    }
+}
+
+/// The trainer, from the latest checkpoint under `root` if any, else from
+/// the base checkpoint; and the learner state to go on from.
+fn build_trainer(
+    base: &Path,
+    root: &Path,
+    plan: &Plan,
+    device: &Device,
+) -> Result<(Trainer, LearnerCheckpoint), LearnerError> {
+    let (policy, _) = TrainablePolicy::load(base, device)?;
+    let reference = policy.frozen()?;
+    let vars = named_vars(&policy.vars);
+    let mut optimizer = AdamW::new(vars.clone(), plan.params.clone())?;
+    let mut state = LearnerCheckpoint {
+        stage: plan.stages[0].name.clone(),
+        ..LearnerCheckpoint::default()
+    };
+    if let Some((dir, _)) = checkpoint::latest(root)? {
+        state = checkpoint::load(&dir, &policy, &mut optimizer)?;
+        tracing::info!(step = state.step, dir = %dir.display(), "resumed from checkpoint");
+    }
+    let normalizer = state.normalizer.clone();
+    Ok((
+        Trainer {
+            policy,
+            reference,
+            vars,
+            optimizer,
+            normalizer,
+            loss: plan.loss,
+            max_grad_norm: plan.max_grad_norm,
+            micro_batch: plan.micro_batch,
+        },
+        state,
+    ))
+}
+
+/// The learner's reward specs for a stage.
+fn reward_specs(stage: &Stage) -> Result<Vec<RewardSpec>, LearnerError> {
+    stage
+        .rewards
+        .iter()
+        .map(|r| {
+            let n = r.normalization.unwrap_or_default();
+            Ok(RewardSpec {
+                model: r.model.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
+                weight: r.weight,
+                normalization: Normalization {
+                    kind: if n.kind == ProtoKind::None as i32 {
+                        NormalizationKind::None
+                    } else {
+                        NormalizationKind::RunningZScore
+                    },
+                    ema_decay: n.ema_decay.unwrap_or(0.99),
+                    clip: n.clip,
+                },
+            })
+        })
+        .collect()
+}
+
+/// The batch in `entry` if it may be trained on, else why not and how many
+/// rollouts are dropped.
+fn usable(
+    entry: &QueueEntry,
+    stage: &str,
+    latest: u64,
+    max_staleness: u64,
+) -> Result<ScoredBatch, (&'static str, u64)> {
+    let batch = ScoredBatch::decode(entry.payload.as_slice()).map_err(|_| ("invalid", 1))?;
+    let n = batch.rollouts.len() as u64;
+    if batch.rollouts.is_empty() {
+        return Err(("invalid", 1));
+    }
+    if batch.stage != stage {
+        return Err(("stage", n));
+    }
+    let oldest = batch
+        .rollouts
+        .iter()
+        .map(|r| r.policy_version.as_ref().map_or(0, |v| v.version))
+        .min()
+        .unwrap_or(0);
+    if latest.saturating_sub(oldest) > max_staleness {
+        return Err(("stale", n));
+    }
+    if batch
+        .rollouts
+        .iter()
+        .any(|r| r.tokens.is_empty() || r.tokens.len() != r.behaviour_log_probs.len())
+    {
+        return Err(("invalid", n));
+    }
+    Ok(batch)
+}
+
+/// Which stop condition of `stage` holds after the step, if any.
+fn stop_reason(
+    stage: &Stage,
+    state: &LearnerCheckpoint,
+    recent: &VecDeque<f64>,
+) -> Option<StopReason> {
+    let stop = stage.stop.as_ref()?;
+    if stop
+        .max_steps
+        .is_some_and(|max| state.step - state.stage_start_step >= max)
+    {
+        return Some(StopReason::MaxSteps);
+    }
+    if let Some(target) = stop.target_reward {
+        let window = stop.target_window.max(1) as usize;
+        if recent.len() >= window && recent.iter().sum::<f64>() / recent.len() as f64 >= target {
+            return Some(StopReason::TargetReward);
+        }
+    }
+    None
+}
+
+/// The metric point of a step (`MetricPoint`).
+fn metric_point(
+    state: &LearnerCheckpoint,
+    stage: &Stage,
+    report: &StepReport,
+    took: Duration,
+    tokens: u64,
+    staleness: &[u64],
+    trainer: &Trainer,
+) -> MetricPoint {
+    let seconds = took.as_secs_f64().max(1e-9);
+    MetricPoint {
+        step: state.step,
+        stage_index: state.stage_index,
+        stage: stage.name.clone(),
+        policy_version: state.policy_version,
+        rewards: report
+            .rewards
+            .iter()
+            .map(|(k, s)| {
+                (
+                    k.clone(),
+                    RewardStats {
+                        mean: s.mean,
+                        std: s.std(),
+                    },
+                )
+            })
+            .collect(),
+        combined_reward_mean: report.combined_reward_mean,
+        kl: report.loss.kl_seq_mean,
+        entropy: report.loss.neg_log_prob_mean,
+        loss: report.loss.loss,
+        grad_norm: report.grad_norm,
+        learning_rate: trainer.optimizer.learning_rate(),
+        clip_fraction: report.loss.clip_fraction,
+        rollouts_per_second: report.rollouts as f64 / seconds,
+        tokens_per_second: tokens as f64 / seconds,
+        staleness_mean: if staleness.is_empty() {
+            0.0
+        } else {
+            staleness.iter().sum::<u64>() as f64 / staleness.len() as f64
+        },
+        staleness_max: staleness.iter().copied().max().unwrap_or(0),
+        rollouts_consumed_total: state.rollouts_consumed_total,
+        rollouts_dropped_total: state.rollouts_dropped_total,
+        dropped_by_reason: state
+            .dropped_by_reason
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
+            .collect(),
+        step_duration: prost_types::Duration::try_from(took).ok(),
+    }
+}

@@ -1,0 +1,275 @@
+//! Two learner ranks on the CPU ring take the same step as one rank on the
+//! same global batch: same reward statistics, advantages, loss, gradient
+//! and AdamW update, so the weights agree to float summation order.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::time::Duration;
+
+use candle_core::Device;
+use candle_nn::ParamsAdamW;
+use encore_learner::collective::{CollectiveConfig, connect};
+use encore_learner::loss::{Algorithm, LossConfig};
+use encore_learner::normalize::{Normalization, NormalizationKind, RewardSpec};
+use encore_learner::optim::named_vars;
+use encore_learner::{AdamW, RewardNormalizer, StepReport, Trainer};
+use encore_model::{Preset, SamplingParams, TrainablePolicy};
+use encore_proto::v1::{CollectiveBackend, Prompt, Rollout, Score};
+use rand::{Rng, SeedableRng};
+
+const K: usize = 2;
+const GROUPS: usize = 4;
+const FRAMES: usize = 12;
+const STEPS: usize = 3;
+
+fn specs() -> Vec<RewardSpec> {
+    let spec = |model: &str, weight, kind| RewardSpec {
+        model: model.into(),
+        weight,
+        normalization: Normalization {
+            kind,
+            ema_decay: 0.9,
+            clip: Some(5.0),
+        },
+    };
+    vec![
+        spec("quality", 1.0, NormalizationKind::RunningZScore),
+        spec("adherence", 0.5, NormalizationKind::None),
+    ]
+}
+
+/// GROUPS groups of K clips sampled from the tiny policy, with random
+/// scores; step `n` gets its own batch.
+fn batch(policy: &TrainablePolicy, n: u64) -> Vec<Rollout> {
+    let captions = ["calm piano", "fast drums", "slow strings", "bright synth"];
+    let texts: Vec<&str> = (0..GROUPS * K).map(|i| captions[i / K]).collect();
+    let text = encore_model::embed_captions(&texts, &Device::Cpu).unwrap();
+    let frozen = policy.frozen().unwrap();
+    let samples = encore_model::sample(
+        &frozen,
+        &text,
+        FRAMES,
+        &SamplingParams {
+            seed: n,
+            ..SamplingParams::default()
+        },
+    )
+    .unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(100 + n);
+    samples
+        .tokens
+        .into_iter()
+        .zip(samples.log_probs)
+        .enumerate()
+        .map(|(i, (tokens, log_probs))| Rollout {
+            rollout_id: format!("r{n}-{i}"),
+            prompt: Some(Prompt {
+                prompt_id: format!("p{}", i / K),
+                caption: texts[i].into(),
+                ..Prompt::default()
+            }),
+            group_id: format!("g{n}-{}", i / K),
+            sample_index: (i % K) as u32,
+            group_size: K as u32,
+            tokens,
+            // A stale behaviour policy: the ratios are not all 1.
+            behaviour_log_probs: log_probs.iter().map(|lp| lp - 0.05).collect(),
+            scores: HashMap::from([
+                (
+                    "quality".to_owned(),
+                    Score {
+                        value: rng.random_range(1.0..5.0),
+                        details: None,
+                    },
+                ),
+                (
+                    "adherence".to_owned(),
+                    Score {
+                        value: rng.random_range(-1.0..1.0),
+                        details: None,
+                    },
+                ),
+            ]),
+            ..Rollout::default()
+        })
+        .collect()
+}
+
+fn trainer() -> Trainer {
+    let cfg = Preset::Tiny.config();
+    let policy = TrainablePolicy::fresh(&cfg, &Device::Cpu, 1).unwrap();
+    let reference = policy.frozen().unwrap();
+    let vars = named_vars(&policy.vars);
+    let optimizer = AdamW::new(
+        vars.clone(),
+        ParamsAdamW {
+            lr: 1e-3,
+            weight_decay: 0.01,
+            ..ParamsAdamW::default()
+        },
+    )
+    .unwrap();
+    Trainer {
+        policy,
+        reference,
+        vars,
+        optimizer,
+        normalizer: RewardNormalizer::new(),
+        loss: LossConfig {
+            algorithm: Algorithm::Ppo,
+            clip_range: 0.2,
+            kl_coef: 0.05,
+        },
+        max_grad_norm: 1.0,
+        micro_batch: 3,
+    }
+}
+
+fn config(rank: usize, world: usize, peers: Vec<String>) -> CollectiveConfig {
+    CollectiveConfig {
+        backend: CollectiveBackend::TcpRing,
+        rank,
+        world_size: world,
+        peer_addresses: peers,
+        tag: "data-parallel-test".into(),
+        nccl_unique_id: None,
+        device_ordinal: 0,
+        timeout: Duration::from_secs(60),
+    }
+}
+
+/// Runs STEPS steps on rank `rank` of `world`, each on this rank's groups of
+/// the step's batch; returns the final weights and the reports.
+fn run_rank(
+    rank: usize,
+    world: usize,
+    peers: Vec<String>,
+    listener: Option<TcpListener>,
+) -> (Vec<Vec<f32>>, Vec<StepReport>) {
+    let mut collective = connect(&config(rank, world, peers), listener).unwrap();
+    let mut trainer = trainer();
+    let mut reports = Vec::new();
+    for n in 0..STEPS as u64 {
+        // The data do not depend on the weights being trained: every rank
+        // and the single rank see the same global batches.
+        let global = batch(
+            &TrainablePolicy::fresh(&Preset::Tiny.config(), &Device::Cpu, 1).unwrap(),
+            n,
+        );
+        let share = global.len() / world;
+        let mine = &global[rank * share..(rank + 1) * share];
+        reports.push(
+            trainer
+                .step("R", &specs(), mine, K, collective.as_mut())
+                .unwrap(),
+        );
+    }
+    let weights = trainer
+        .policy
+        .named_tensors()
+        .into_iter()
+        .map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect();
+    (weights, reports)
+}
+
+fn relative_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    let mut diff = 0.0f64;
+    let mut norm = 0.0f64;
+    for (x, y) in a.iter().zip(b) {
+        for (p, q) in x.iter().zip(y) {
+            diff += f64::from(p - q).powi(2);
+            norm += f64::from(*p).powi(2);
+        }
+    }
+    (diff / norm).sqrt()
+}
+
+#[test]
+fn two_ranks_take_the_step_one_rank_takes_on_the_global_batch() {
+    let (single, single_reports) = run_rank(0, 1, vec!["127.0.0.1:1".into()], None);
+
+    let listeners: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let peers: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, listener)| {
+            let peers = peers.clone();
+            std::thread::spawn(move || run_rank(rank, 2, peers, Some(listener)))
+        })
+        .collect();
+    let ranks: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+
+    // The ranks agree exactly with each other...
+    assert_eq!(ranks[0].0, ranks[1].0, "ranks hold identical weights");
+    assert_eq!(ranks[0].1, ranks[1].1, "ranks report identical statistics");
+    // ...and with the single rank, to float summation order.
+    let initial: Vec<Vec<f32>> = trainer()
+        .policy
+        .named_tensors()
+        .into_iter()
+        .map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect();
+    let moved = relative_difference(&single, &initial);
+    assert!(moved > 1e-4, "the steps changed the weights ({moved})");
+    let apart = relative_difference(&ranks[0].0, &single);
+    assert!(
+        apart < 1e-6,
+        "2 ranks vs 1 rank: relative weight difference {apart:e}"
+    );
+    for (two, one) in ranks[0].1.iter().zip(&single_reports) {
+        assert_eq!(two.rollouts, one.rollouts);
+        // Relative to the values, or to 0.1 for values near 0: the loss of
+        // zero-mean advantages is a sum of O(1) terms that cancel, so its
+        // own size says nothing about the precision of its parts.
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * a.abs().max(b.abs()).max(0.1);
+        assert!(
+            close(two.grad_norm, one.grad_norm),
+            "{} vs {}",
+            two.grad_norm,
+            one.grad_norm
+        );
+        assert!(
+            close(two.loss.loss, one.loss.loss),
+            "{} vs {}",
+            two.loss.loss,
+            one.loss.loss
+        );
+        assert!(
+            close(two.combined_reward_mean, one.combined_reward_mean),
+            "{} vs {}",
+            two.combined_reward_mean,
+            one.combined_reward_mean
+        );
+        // KL is a difference of nearly equal log-probs, whose f32 rounding
+        // depends on how rows are batched: 1e-4 relative, not 1e-6.
+        assert!(
+            (two.loss.kl_seq_mean - one.loss.kl_seq_mean).abs()
+                <= 1e-4 * one.loss.kl_seq_mean.abs().max(1e-3),
+            "{} vs {}",
+            two.loss.kl_seq_mean,
+            one.loss.kl_seq_mean
+        );
+        assert!(two.loss.clip_fraction >= 0.0 && two.loss.ratio_mean > 0.0);
+    }
+    // The same comparison on the updates themselves (final minus initial
+    // weights), a much stricter yardstick than the weights.
+    let update = |w: &[Vec<f32>]| -> Vec<Vec<f32>> {
+        w.iter()
+            .zip(&initial)
+            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x - y).collect())
+            .collect()
+    };
+    let update_apart = relative_difference(&update(&ranks[0].0), &update(&single));
+    println!(
+        "2 ranks vs 1 rank after {STEPS} steps: relative weight difference {apart:e}, \
+         relative update difference {update_apart:e}"
+    );
+    assert!(update_apart < 1e-3, "updates differ by {update_apart:e}");
+}

@@ -1,0 +1,266 @@
+//! The RL loop end to end on loopback: a coordinator on a real Redis, a
+//! reward server hosting a tiny quality model (it joins the cluster
+//! itself), an actor and a learner rank. The job runs its steps, each step
+//! is reported, weights are published and picked up, checkpoints are
+//! written, and every rollout produced is consumed or dropped and counted.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use encore_coordinator::auth::BearerToken;
+use encore_coordinator::config::AuthConfig;
+use encore_coordinator::{Config, Coordinator};
+use encore_model::{Preset, TrainablePolicy};
+use encore_proto::v1::job_service_client::JobServiceClient;
+use encore_proto::v1::{
+    Algorithm, JobResources, JobSpec, JobState, ModelRef, Normalization, NormalizationKind, Prompt,
+    PromptList, PromptSource, RewardConfig, SamplingParams, StopCondition, SubmitJobRequest,
+    WatchJobRequest, job_event, prompt_source,
+};
+use encore_reward::{ArchConfig, RewardConfig as ModelConfig, RewardKind, RewardModel};
+use encore_reward_server::{Config as RewardServerConfig, ServerBuilder};
+use encore_store::SystemClock;
+use encore_testkit::RedisServer;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+const PATIENCE: Duration = Duration::from_secs(300);
+const WORKER: &str = "worker-token";
+const CLIENT: &str = "client-token";
+const STEPS: u64 = 6;
+
+fn spec(base: &std::path::Path) -> JobSpec {
+    JobSpec {
+        name: "rl loop test".into(),
+        base_checkpoint: Some(ModelRef {
+            name: "tiny".into(),
+            uri: base.display().to_string(),
+            sha256: String::new(),
+        }),
+        prompts: Some(PromptSource {
+            source: Some(prompt_source::Source::Inline(PromptList {
+                prompts: [
+                    "calm solo piano",
+                    "fast drums",
+                    "slow strings",
+                    "bright synth lead",
+                ]
+                .iter()
+                .enumerate()
+                .map(|(i, c)| Prompt {
+                    prompt_id: format!("p{i}"),
+                    caption: (*c).into(),
+                    ..Prompt::default()
+                })
+                .collect(),
+            })),
+        }),
+        rewards: vec![RewardConfig {
+            model: Some(ModelRef {
+                name: "quality".into(),
+                ..ModelRef::default()
+            }),
+            weight: 1.0,
+            normalization: Some(Normalization {
+                kind: NormalizationKind::None as i32,
+                ..Normalization::default()
+            }),
+        }],
+        algorithm: Some(Algorithm {
+            samples_per_prompt: 2,
+            batch_size: 8,
+            learning_rate: 1e-3,
+            kl_coef: 0.05,
+            sampling: Some(SamplingParams {
+                max_new_tokens: 16,
+                ..SamplingParams::default()
+            }),
+            ..Algorithm::default()
+        }),
+        stop: Some(StopCondition {
+            max_steps: Some(STEPS),
+            ..StopCondition::default()
+        }),
+        resources: Some(JobResources {
+            actors: 1,
+            learner_ranks: 1,
+            ..JobResources::default()
+        }),
+        checkpoint_every_steps: 2,
+        ..JobSpec::default()
+    }
+}
+
+#[tokio::test]
+async fn a_job_runs_through_actor_reward_server_and_learner() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    TrainablePolicy::fresh(&Preset::Tiny.config(), &Device::Cpu, 1)
+        .unwrap()
+        .save(&base, serde_json::json!({}))
+        .unwrap();
+
+    let stop = CancellationToken::new();
+    let coordinator = Coordinator::new(Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+        store: redis.url(),
+        blob_dir: dir.path().join("blobs"),
+        checkpoint_dir: dir.path().join("checkpoints"),
+        shutdown_grace_ms: 1_000,
+        auth: AuthConfig {
+            client_tokens: vec![format!("alice:{CLIENT}")],
+            worker_token: Some(WORKER.into()),
+            ..AuthConfig::default()
+        },
+        ..Config::default()
+    })
+    .start(stop.clone())
+    .await
+    .unwrap();
+    let url = format!("http://{}", coordinator.grpc_addr());
+
+    let mut quality = ModelConfig::new(RewardKind::Quality);
+    quality.arch = ArchConfig::tiny();
+    quality.min_tokens = 4;
+    quality.max_tokens = 200;
+    let rewards = ServerBuilder::new(RewardServerConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+        shutdown_grace_ms: 500,
+        coordinator: url.clone(),
+        worker_token: Some(WORKER.into()),
+        ..RewardServerConfig::default()
+    })
+    .registry(prometheus::Registry::new())
+    .model(
+        "quality",
+        RewardModel::fresh(quality, &Device::Cpu, 3).unwrap(),
+    )
+    .start(stop.clone())
+    .await
+    .unwrap();
+
+    let actor = tokio::spawn(encore_actor::run_with(
+        encore_actor::Config {
+            coordinator: url.clone(),
+            worker_token: Some(WORKER.into()),
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            work_dir: dir.path().join("actor"),
+            max_backoff_ms: 200,
+            ..encore_actor::Config::default()
+        },
+        prometheus::Registry::new(),
+        stop.clone(),
+    ));
+    let learner = tokio::spawn(encore_learner::run_with(
+        encore_learner::Config {
+            coordinator: url.clone(),
+            worker_token: Some(WORKER.into()),
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            work_dir: dir.path().join("learner"),
+            ..encore_learner::Config::default()
+        },
+        prometheus::Registry::new(),
+        stop.clone(),
+    ));
+
+    let channel = Channel::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut jobs = JobServiceClient::with_interceptor(channel, BearerToken::new(CLIENT).unwrap());
+    let job_id = jobs
+        .submit(SubmitJobRequest {
+            idempotency_key: "rl-loop".into(),
+            spec: Some(spec(&base)),
+            validate_only: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap()
+        .job_id;
+    let mut watch = jobs
+        .watch(WatchJobRequest {
+            job_id: job_id.clone(),
+            after_sequence: Some(0),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut points = Vec::new();
+    let mut end = None;
+    let followed = tokio::time::timeout(PATIENCE, async {
+        while let Some(event) = watch.next().await {
+            match event.unwrap().event {
+                Some(job_event::Event::Metrics(p)) => points.push(p),
+                Some(job_event::Event::StateChange(c)) => end = Some(c.state),
+                _ => {}
+            }
+        }
+    });
+    followed.await.expect("the job finished in time");
+    assert_eq!(end, Some(JobState::Succeeded as i32));
+    assert_eq!(
+        points.iter().map(|p| p.step).collect::<Vec<_>>(),
+        (1..=STEPS).collect::<Vec<_>>()
+    );
+    for p in &points {
+        assert!(p.rewards.contains_key("quality"), "{p:?}");
+        assert!(p.kl.is_finite() && p.loss.is_finite() && p.grad_norm.is_finite());
+    }
+    let last = points.last().unwrap();
+    assert_eq!(last.policy_version, STEPS, "one version published per step");
+    // Every rollout consumed or dropped on purpose, and counted.
+    assert!(last.rollouts_consumed_total >= STEPS * 8);
+    // Checkpoints every 2 steps (and at the end).
+    let checkpoints = dir.path().join("checkpoints").join(&job_id);
+    let saved: Vec<String> = std::fs::read_dir(&checkpoints)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        saved.iter().any(|n| n == &format!("step-{STEPS}")),
+        "{saved:?}"
+    );
+    let store = encore_store::open(&redis.url(), Arc::new(SystemClock))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.queue_pending(&job_id, "learners").await.unwrap(),
+        0,
+        "everything the steps used was acknowledged after the last checkpoint"
+    );
+    println!(
+        "steps {:?}\ncombined reward {:?}\nkl {:?}",
+        points.iter().map(|p| p.step).collect::<Vec<_>>(),
+        points
+            .iter()
+            .map(|p| p.combined_reward_mean)
+            .collect::<Vec<_>>(),
+        points.iter().map(|p| p.kl).collect::<Vec<_>>()
+    );
+
+    stop.cancel();
+    for task in [actor] {
+        tokio::time::timeout(PATIENCE, task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    tokio::time::timeout(PATIENCE, learner)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    rewards.wait().await.unwrap();
+    coordinator.wait().await.unwrap();
+}

@@ -45,7 +45,13 @@ pub struct StepReport {
     pub grad_norm: f64,
     /// Rollouts in the global batch.
     pub rollouts: u64,
+    /// Rollouts dropped on purpose by all ranks since the previous step, by
+    /// reason (every reason of [`DROP_REASONS`] present).
+    pub dropped: BTreeMap<String, u64>,
 }
+
+/// Why a rollout is dropped instead of trained on (`MetricPoint.dropped_by_reason`).
+pub const DROP_REASONS: [&str; 4] = ["stale", "invalid", "stage", "duplicate"];
 
 /// The trainable policy, its frozen reference, the optimiser and the
 /// reward normaliser of one rank.
@@ -112,6 +118,7 @@ impl Trainer {
         specs: &[RewardSpec],
         rollouts: &[Rollout],
         group_size: usize,
+        dropped: &BTreeMap<String, u64>,
         collective: &mut dyn Collective,
     ) -> Result<StepReport, LearnerError> {
         let device = self.policy.policy.device().clone();
@@ -131,6 +138,11 @@ impl Trainer {
             sums.extend([n, s.mean * n, (s.var + s.mean * s.mean) * n]);
         }
         sums.extend([tokens_here as f64, rollouts.len() as f64]);
+        sums.extend(
+            DROP_REASONS
+                .iter()
+                .map(|r| dropped.get(*r).copied().unwrap_or(0) as f64),
+        );
         let sums = all_reduce_f64(collective, &sums)?;
         let mut global = BTreeMap::new();
         for (i, spec) in specs.iter().enumerate() {
@@ -152,6 +164,16 @@ impl Trainer {
         }
         let global_tokens = sums[specs.len() * 3];
         let global_rollouts = sums[specs.len() * 3 + 1].round() as u64;
+        let global_dropped: BTreeMap<String, u64> = DROP_REASONS
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                (
+                    (*r).to_owned(),
+                    sums[specs.len() * 3 + 2 + i].round() as u64,
+                )
+            })
+            .collect();
         if global_tokens <= 0.0 {
             return Err(LearnerError::InvalidBatch(
                 "the global batch holds no tokens".into(),
@@ -227,6 +249,7 @@ impl Trainer {
             },
             grad_norm,
             rollouts: global_rollouts,
+            dropped: global_dropped,
         })
     }
 

@@ -259,6 +259,9 @@ impl Learner {
                 .await?;
         }
         let mut pending: Vec<EntryId> = Vec::new();
+        // Drops since the last step on this rank; summed over ranks by the
+        // step.
+        let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
         let mut recent: VecDeque<f64> = VecDeque::new();
         loop {
             let stage = plan.stages[state.stage_index as usize].clone();
@@ -298,15 +301,11 @@ impl Learner {
                     plan.max_staleness,
                 ) {
                     Ok(batch) => rollouts.extend(batch.rollouts),
-                    Err((reason, n)) => {
-                        state.rollouts_dropped_total += n;
-                        *state.dropped_by_reason.entry(reason.into()).or_default() += n;
-                    }
+                    Err((reason, n)) => *dropped.entry(reason.into()).or_default() += n,
                 }
             }
 
             // The step itself, on a blocking thread.
-            let n = rollouts.len() as u64;
             let tokens: u64 = rollouts.iter().map(|r| r.tokens.len() as u64).sum();
             let staleness: Vec<u64> = rollouts
                 .iter()
@@ -316,9 +315,17 @@ impl Learner {
                         .saturating_sub(r.policy_version.as_ref().map_or(0, |v| v.version))
                 })
                 .collect();
-            let (stage_name, k) = (stage.name.clone(), plan.k);
+            let (stage_name, k, local_drops) =
+                (stage.name.clone(), plan.k, std::mem::take(&mut dropped));
             let (back, report) = tokio::task::spawn_blocking(move || {
-                let report = trainer.step(&stage_name, &specs, &rollouts, k, collective.as_mut());
+                let report = trainer.step(
+                    &stage_name,
+                    &specs,
+                    &rollouts,
+                    k,
+                    &local_drops,
+                    collective.as_mut(),
+                );
                 ((trainer, collective), report)
             })
             .await
@@ -327,7 +334,12 @@ impl Learner {
             let report = report?;
             let took = started.elapsed();
             state.step += 1;
-            state.rollouts_consumed_total += n;
+            // Job-wide counts: the step summed them over the ranks.
+            state.rollouts_consumed_total += report.rollouts;
+            for (reason, count) in &report.dropped {
+                state.rollouts_dropped_total += count;
+                *state.dropped_by_reason.entry(reason.clone()).or_default() += count;
+            }
             recent.push_back(report.combined_reward_mean);
             while recent.len() > stage.stop.as_ref().map_or(10, |s| s.target_window.max(1)) as usize
             {

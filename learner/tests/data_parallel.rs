@@ -160,7 +160,14 @@ fn run_rank(
         let mine = &global[rank * share..(rank + 1) * share];
         reports.push(
             trainer
-                .step("R", &specs(), mine, K, collective.as_mut())
+                .step(
+                    "R",
+                    &specs(),
+                    mine,
+                    K,
+                    &Default::default(),
+                    collective.as_mut(),
+                )
                 .unwrap(),
         );
     }

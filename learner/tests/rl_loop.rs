@@ -32,7 +32,7 @@ const WORKER: &str = "worker-token";
 const CLIENT: &str = "client-token";
 const STEPS: u64 = 6;
 
-fn spec(base: &std::path::Path) -> JobSpec {
+fn spec(base: &std::path::Path, shape: Shape) -> JobSpec {
     JobSpec {
         name: "rl loop test".into(),
         base_checkpoint: Some(ModelRef {
@@ -71,8 +71,8 @@ fn spec(base: &std::path::Path) -> JobSpec {
         }],
         algorithm: Some(Algorithm {
             samples_per_prompt: 2,
-            batch_size: 8,
-            learning_rate: 1e-3,
+            batch_size: shape.batch,
+            learning_rate: shape.learning_rate,
             kl_coef: 0.05,
             sampling: Some(SamplingParams {
                 max_new_tokens: 16,
@@ -81,12 +81,12 @@ fn spec(base: &std::path::Path) -> JobSpec {
             ..Algorithm::default()
         }),
         stop: Some(StopCondition {
-            max_steps: Some(STEPS),
+            max_steps: Some(shape.steps),
             ..StopCondition::default()
         }),
         resources: Some(JobResources {
-            actors: 1,
-            learner_ranks: 1,
+            actors: shape.actors,
+            learner_ranks: shape.ranks,
             ..JobResources::default()
         }),
         checkpoint_every_steps: 2,
@@ -94,8 +94,28 @@ fn spec(base: &std::path::Path) -> JobSpec {
     }
 }
 
-#[tokio::test]
-async fn a_job_runs_through_actor_reward_server_and_learner() {
+/// The size of a test job.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    actors: u32,
+    ranks: u32,
+    steps: u64,
+    batch: u32,
+    learning_rate: f64,
+}
+
+/// What a finished job left behind.
+struct Outcome {
+    job_id: String,
+    points: Vec<encore_proto::v1::MetricPoint>,
+    end: Option<i32>,
+    dir: tempfile::TempDir,
+    redis: RedisServer,
+}
+
+/// Runs one job of `shape` on a fresh cluster in this process and waits
+/// for it to end.
+async fn run_job(shape: Shape) -> Outcome {
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
@@ -145,29 +165,35 @@ async fn a_job_runs_through_actor_reward_server_and_learner() {
     .await
     .unwrap();
 
-    let actor = tokio::spawn(encore_actor::run_with(
-        encore_actor::Config {
-            coordinator: url.clone(),
-            worker_token: Some(WORKER.into()),
-            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
-            work_dir: dir.path().join("actor"),
-            max_backoff_ms: 200,
-            ..encore_actor::Config::default()
-        },
-        prometheus::Registry::new(),
-        stop.clone(),
-    ));
-    let learner = tokio::spawn(encore_learner::run_with(
-        encore_learner::Config {
-            coordinator: url.clone(),
-            worker_token: Some(WORKER.into()),
-            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
-            work_dir: dir.path().join("learner"),
-            ..encore_learner::Config::default()
-        },
-        prometheus::Registry::new(),
-        stop.clone(),
-    ));
+    let mut workers = Vec::new();
+    for _ in 0..shape.actors {
+        workers.push(tokio::spawn(encore_actor::run_with(
+            encore_actor::Config {
+                coordinator: url.clone(),
+                worker_token: Some(WORKER.into()),
+                admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+                work_dir: dir.path().join("actor"),
+                max_backoff_ms: 200,
+                ..encore_actor::Config::default()
+            },
+            prometheus::Registry::new(),
+            stop.clone(),
+        )));
+    }
+    let mut learners = Vec::new();
+    for _ in 0..shape.ranks {
+        learners.push(tokio::spawn(encore_learner::run_with(
+            encore_learner::Config {
+                coordinator: url.clone(),
+                worker_token: Some(WORKER.into()),
+                admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+                work_dir: dir.path().join("learner"),
+                ..encore_learner::Config::default()
+            },
+            prometheus::Registry::new(),
+            stop.clone(),
+        )));
+    }
 
     let channel = Channel::from_shared(url.clone())
         .unwrap()
@@ -178,7 +204,7 @@ async fn a_job_runs_through_actor_reward_server_and_learner() {
     let job_id = jobs
         .submit(SubmitJobRequest {
             idempotency_key: "rl-loop".into(),
-            spec: Some(spec(&base)),
+            spec: Some(spec(&base, shape)),
             validate_only: false,
         })
         .await
@@ -207,6 +233,42 @@ async fn a_job_runs_through_actor_reward_server_and_learner() {
         }
     });
     followed.await.expect("the job finished in time");
+    stop.cancel();
+    for task in workers {
+        let ended = tokio::time::timeout(PATIENCE, task).await;
+        ended.expect("the actor stops").unwrap().unwrap();
+    }
+    for task in learners {
+        let ended = tokio::time::timeout(PATIENCE, task).await;
+        ended.expect("the learner stops").unwrap().unwrap();
+    }
+    rewards.wait().await.unwrap();
+    coordinator.wait().await.unwrap();
+    Outcome {
+        job_id,
+        points,
+        end,
+        dir,
+        redis,
+    }
+}
+
+#[tokio::test]
+async fn a_job_runs_through_actor_reward_server_and_learner() {
+    let Outcome {
+        job_id,
+        points,
+        end,
+        dir,
+        redis,
+    } = run_job(Shape {
+        actors: 1,
+        ranks: 1,
+        steps: STEPS,
+        batch: 8,
+        learning_rate: 1e-3,
+    })
+    .await;
     assert_eq!(end, Some(JobState::Succeeded as i32));
     assert_eq!(
         points.iter().map(|p| p.step).collect::<Vec<_>>(),
@@ -247,20 +309,43 @@ async fn a_job_runs_through_actor_reward_server_and_learner() {
             .collect::<Vec<_>>(),
         points.iter().map(|p| p.kl).collect::<Vec<_>>()
     );
+}
 
-    stop.cancel();
-    for task in [actor] {
-        tokio::time::timeout(PATIENCE, task)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-    }
-    tokio::time::timeout(PATIENCE, learner)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    rewards.wait().await.unwrap();
-    coordinator.wait().await.unwrap();
+/// Two actors feed two data-parallel learner ranks on a TCP ring: the job
+/// runs to its end, each step's global batch is the two ranks' shares, and
+/// every rollout is accounted for. (Whether the reward rises needs a reward
+/// model with something to learn; these tiny ones are untrained.)
+#[tokio::test]
+async fn two_actors_feed_two_learner_ranks() {
+    const STEPS_2X2: u64 = 12;
+    let outcome = run_job(Shape {
+        actors: 2,
+        ranks: 2,
+        steps: STEPS_2X2,
+        batch: 16,
+        learning_rate: 3e-3,
+    })
+    .await;
+    assert_eq!(outcome.end, Some(JobState::Succeeded as i32));
+    assert_eq!(
+        outcome.points.iter().map(|p| p.step).collect::<Vec<_>>(),
+        (1..=STEPS_2X2).collect::<Vec<_>>()
+    );
+    let last = outcome.points.last().unwrap();
+    assert!(
+        last.rollouts_consumed_total >= STEPS_2X2 * 16,
+        "each step trains on both ranks' shares: {}",
+        last.rollouts_consumed_total
+    );
+    assert_eq!(
+        last.rollouts_dropped_total,
+        last.dropped_by_reason.values().sum::<u64>(),
+        "every drop has a reason"
+    );
+    assert!(
+        outcome
+            .points
+            .iter()
+            .all(|p| p.kl.is_finite() && p.grad_norm > 0.0)
+    );
 }

@@ -23,7 +23,10 @@
 //! Libraries: cudarc loads libcuda and libnccl at run time unless candle's
 //! `cuda` feature links them (which it does with `cuda`), so a build with
 //! only `nccl` starts on a machine without CUDA and [`Nccl::new`] returns
-//! [`CollectiveError::Unsupported`] there. cudarc reports a missing library
+//! [`CollectiveError::Unsupported`] there. At run time cudarc looks for
+//! `libnccl.so` (or `libnccl.so.<CUDA major>`), not NCCL's own soname
+//! `libnccl.so.2`: install the NCCL development package or add a
+//! `libnccl.so` link on the loader path. cudarc reports a missing library
 //! by panicking; this module turns that panic into the error (the panic
 //! message still reaches stderr through the panic hook).
 //!

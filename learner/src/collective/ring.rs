@@ -53,9 +53,9 @@
 //! Values travel little-endian. Every operation opens with a header (kind,
 //! sequence number, length or root) that the receiver checks, so ranks
 //! whose call sequences diverge get [`CollectiveError::Protocol`] rather
-//! than a silently wrong sum. Any failure shuts both connections down,
-//! which makes the neighbours fail at once instead of after a timeout, and
-//! marks the ring broken. Reads and writes time out after the I/O timeout
+//! than a silently wrong sum. Any failure closes both connections, which
+//! makes the neighbours fail at once instead of after a timeout (and their
+//! neighbours in turn), and marks the ring broken. Reads and writes time out after the I/O timeout
 //! without progress ([`TcpRing::set_io_timeout`]).
 
 use std::io::{self, Read, Write};
@@ -70,7 +70,7 @@ use encore_proto::v1::CollectiveBackend;
 use super::{Collective, CollectiveError};
 
 /// Bytes per read/write call and per encode/decode pass: large enough that
-/// system-call overhead vanishes, small enough to stay in cache.
+/// system-call overhead vanishes, small enough to stay in a core's L2.
 pub const SEGMENT_BYTES: usize = 1 << 20;
 
 /// First bytes of a hello, so a stray client (a health check, a port
@@ -289,12 +289,16 @@ impl TcpRing {
         });
         let mut staging = (&mut self.send_staging, &mut self.recv_staging);
         // Reduce-scatter, then all-gather; see the module documentation.
+        // Chunk indices modulo n, kept non-negative by adding n first.
+        let chunk = |offset: usize, step: usize| (r + offset + n - step) % n;
         for step in 0..n - 1 {
-            let (send, recv) = two_chunks(buf, n, (r + n - step) % n, (r + 2 * n - step - 1) % n);
+            // Send chunk r - s, receive (and add to) chunk r - s - 1.
+            let (send, recv) = two_chunks(buf, n, chunk(n, step), chunk(n - 1, step));
             exchange(links, header.take(), send, recv, Mode::Add, &mut staging)?;
         }
         for step in 0..n - 1 {
-            let (send, recv) = two_chunks(buf, n, (r + 1 + n - step) % n, (r + n - step) % n);
+            // Send chunk r + 1 - s, receive (and keep) chunk r - s.
+            let (send, recv) = two_chunks(buf, n, chunk(1, step), chunk(0, step));
             exchange(links, None, send, recv, Mode::Copy, &mut staging)?;
         }
         Ok(())
@@ -417,7 +421,7 @@ impl Collective for TcpRing {
         self.finish(result)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(rank = self.rank, root))]
+    #[tracing::instrument(level = "debug", skip_all, fields(rank = self.rank, root = root))]
     fn broadcast(&mut self, buf: &mut Vec<u8>, root: usize) -> Result<(), CollectiveError> {
         if root >= self.world_size {
             return Err(CollectiveError::Config(format!(

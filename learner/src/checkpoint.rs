@@ -64,6 +64,13 @@ pub struct LearnerCheckpoint {
     /// Id of the last rollout-queue entry acknowledged as consumed (or
     /// dropped); `None` before the first.
     pub queue_position: Option<String>,
+    /// Rollout-queue entries, of every rank, that the checkpointed steps
+    /// used and that were not yet acknowledged when the checkpoint was
+    /// written (they are acknowledged right after). A rank resumed from this
+    /// checkpoint acknowledges them instead of training on them again, which
+    /// closes the window between the checkpoint and the acknowledgement.
+    #[serde(default)]
+    pub trained_unacknowledged: Vec<String>,
     /// Rollouts consumed by learner steps so far.
     pub rollouts_consumed_total: u64,
     /// Rollouts dropped on purpose so far.
@@ -340,6 +347,7 @@ mod tests {
             policy_version: step / 2,
             normalizer,
             queue_position: Some(format!("1712345678901-{step}")),
+            trained_unacknowledged: vec![format!("1712345678901-{step}")],
             rollouts_consumed_total: 64 * step,
             rollouts_dropped_total: 3,
             dropped_by_reason: BTreeMap::from([("stale".into(), 2), ("invalid".into(), 1)]),

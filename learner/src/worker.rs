@@ -42,7 +42,7 @@ use prost::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{self, LearnerCheckpoint};
-use crate::collective::{CollectiveConfig, connect};
+use crate::collective::{Collective, CollectiveConfig, connect};
 use crate::config::Config;
 use crate::error::LearnerError;
 use crate::loss::{Algorithm, LossConfig};
@@ -241,16 +241,26 @@ impl Learner {
         let consumer = format!("rank-{rank}");
         // Entries a crashed incarnation had taken and not acknowledged are
         // used again, first: the checkpoint predates them.
-        let mut backlog: VecDeque<QueueEntry> = store
+        let claimed = store
             .queue_claim_stale(job_id, GROUP, &consumer, Duration::ZERO, 100_000)
             .await
-            .map_err(|e| LearnerError::Config(format!("rollout queue: {e}")))?
-            .into();
-        if !backlog.is_empty() {
+            .map_err(|e| LearnerError::Config(format!("rollout queue: {e}")))?;
+        let (trained, redo) = split_claimed(claimed, &state.trained_unacknowledged);
+        if !trained.is_empty() {
+            // The checkpoint covers them; the crash came before their
+            // acknowledgement.
+            store
+                .queue_ack(job_id, GROUP, &trained)
+                .await
+                .map_err(|e| LearnerError::Config(format!("rollout queue: {e}")))?;
+        }
+        let mut backlog: VecDeque<QueueEntry> = redo.into();
+        if !backlog.is_empty() || !trained.is_empty() {
             tracing::info!(
                 job_id,
-                entries = backlog.len(),
-                "re-delivering unacknowledged rollouts"
+                redo = backlog.len(),
+                already_trained = trained.len(),
+                "re-claimed unacknowledged rollouts"
             );
         }
         if rank == 0 && state.step == 0 {
@@ -371,6 +381,17 @@ impl Learner {
             if checkpoint_now {
                 trainer.normalizer.clone_into(&mut state.normalizer);
                 state.queue_position = pending.last().map(ToString::to_string);
+                // Every rank's unacknowledged entries go into the
+                // checkpoint (see `LearnerCheckpoint::trained_unacknowledged`).
+                let mine: Vec<String> = pending.iter().map(ToString::to_string).collect();
+                let (back, gathered) = tokio::task::spawn_blocking(move || {
+                    let gathered = gather(collective.as_mut(), &mine);
+                    (collective, gathered)
+                })
+                .await
+                .map_err(|e| LearnerError::Config(format!("gathering panicked: {e}")))?;
+                collective = back;
+                state.trained_unacknowledged = gathered?;
                 if rank == 0 {
                     let (root, st, keep) = (
                         checkpoint_root.clone(),
@@ -634,6 +655,41 @@ fn build_trainer(
     ))
 }
 
+/// Every rank's `mine`, in rank order, on every rank (one broadcast per
+/// rank; the lists are short: the entries of one checkpoint interval).
+fn gather(collective: &mut dyn Collective, mine: &[String]) -> Result<Vec<String>, LearnerError> {
+    let mut all = Vec::new();
+    for root in 0..collective.world_size() {
+        let mut bytes = if root == collective.rank() {
+            mine.join("\n").into_bytes()
+        } else {
+            Vec::new()
+        };
+        collective
+            .broadcast(&mut bytes, root)
+            .map_err(|e| LearnerError::Config(format!("broadcast: {e}")))?;
+        let text = String::from_utf8(bytes).map_err(|_| {
+            LearnerError::StateMismatch(format!("rank {root} sent non-UTF-8 entry ids"))
+        })?;
+        all.extend(
+            text.split('\n')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
+        );
+    }
+    Ok(all)
+}
+
+/// Splits re-claimed entries into those the checkpoint already trained on
+/// (to acknowledge) and those to train on again.
+fn split_claimed(claimed: Vec<QueueEntry>, trained: &[String]) -> (Vec<EntryId>, Vec<QueueEntry>) {
+    let trained: std::collections::BTreeSet<&str> = trained.iter().map(String::as_str).collect();
+    let (done, redo): (Vec<QueueEntry>, Vec<QueueEntry>) = claimed
+        .into_iter()
+        .partition(|e| trained.contains(e.id.to_string().as_str()));
+    (done.into_iter().map(|e| e.id).collect(), redo)
+}
+
 /// The learner's reward specs for a stage.
 fn reward_specs(stage: &Stage) -> Result<Vec<RewardSpec>, LearnerError> {
     stage
@@ -769,5 +825,26 @@ fn metric_point(
             .into_iter()
             .collect(),
         step_duration: prost_types::Duration::try_from(took).ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str) -> QueueEntry {
+        QueueEntry {
+            id: id.parse().unwrap(),
+            payload: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn entries_the_checkpoint_trained_on_are_acknowledged_not_redone() {
+        let claimed = vec![entry("5-0"), entry("6-0"), entry("7-1")];
+        let (done, redo) = split_claimed(claimed, &["6-0".into(), "9-9".into()]);
+        assert_eq!(done, vec!["6-0".parse::<EntryId>().unwrap()]);
+        let redo: Vec<String> = redo.iter().map(|e| e.id.to_string()).collect();
+        assert_eq!(redo, ["5-0", "7-1"]);
     }
 }

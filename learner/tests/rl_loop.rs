@@ -102,6 +102,9 @@ struct Shape {
     steps: u64,
     batch: u32,
     learning_rate: f64,
+    /// Abort the learner (no clean-up: its lease lapses) after this many
+    /// reported steps, and start a new one in its place.
+    kill_learner_after: Option<u64>,
 }
 
 /// What a finished job left behind.
@@ -111,6 +114,10 @@ struct Outcome {
     end: Option<i32>,
     dir: tempfile::TempDir,
     redis: RedisServer,
+    /// Rollouts the actors appended to the queue.
+    produced: u64,
+    /// Rollouts still in the queue at the end (appended, not acknowledged).
+    left_in_queue: u64,
 }
 
 /// Runs one job of `shape` on a fresh cluster in this process and waits
@@ -132,6 +139,8 @@ async fn run_job(shape: Shape) -> Outcome {
         blob_dir: dir.path().join("blobs"),
         checkpoint_dir: dir.path().join("checkpoints"),
         shutdown_grace_ms: 1_000,
+        // Short, so a killed learner's rank is handed on quickly.
+        lease_ttl_ms: 1_000,
         auth: AuthConfig {
             client_tokens: vec![format!("alice:{CLIENT}")],
             worker_token: Some(WORKER.into()),
@@ -166,7 +175,10 @@ async fn run_job(shape: Shape) -> Outcome {
     .unwrap();
 
     let mut workers = Vec::new();
+    let mut actor_registries = Vec::new();
     for _ in 0..shape.actors {
+        let registry = prometheus::Registry::new();
+        actor_registries.push(registry.clone());
         workers.push(tokio::spawn(encore_actor::run_with(
             encore_actor::Config {
                 coordinator: url.clone(),
@@ -176,13 +188,12 @@ async fn run_job(shape: Shape) -> Outcome {
                 max_backoff_ms: 200,
                 ..encore_actor::Config::default()
             },
-            prometheus::Registry::new(),
+            registry,
             stop.clone(),
         )));
     }
-    let mut learners = Vec::new();
-    for _ in 0..shape.ranks {
-        learners.push(tokio::spawn(encore_learner::run_with(
+    let learner = || {
+        tokio::spawn(encore_learner::run_with(
             encore_learner::Config {
                 coordinator: url.clone(),
                 worker_token: Some(WORKER.into()),
@@ -192,8 +203,9 @@ async fn run_job(shape: Shape) -> Outcome {
             },
             prometheus::Registry::new(),
             stop.clone(),
-        )));
-    }
+        ))
+    };
+    let mut learners: Vec<_> = (0..shape.ranks).map(|_| learner()).collect();
 
     let channel = Channel::from_shared(url.clone())
         .unwrap()
@@ -223,10 +235,21 @@ async fn run_job(shape: Shape) -> Outcome {
         .into_inner();
     let mut points = Vec::new();
     let mut end = None;
+    let mut killed = false;
     let followed = tokio::time::timeout(PATIENCE, async {
         while let Some(event) = watch.next().await {
             match event.unwrap().event {
-                Some(job_event::Event::Metrics(p)) => points.push(p),
+                Some(job_event::Event::Metrics(p)) => {
+                    let step = p.step;
+                    points.push(p);
+                    if !killed && shape.kill_learner_after.is_some_and(|after| step >= after) {
+                        // Like SIGKILL for the learner: its tasks stop where
+                        // they are, nothing is deregistered or acknowledged.
+                        killed = true;
+                        learners[0].abort();
+                        learners[0] = learner();
+                    }
+                }
                 Some(job_event::Event::StateChange(c)) => end = Some(c.state),
                 _ => {}
             }
@@ -244,12 +267,34 @@ async fn run_job(shape: Shape) -> Outcome {
     }
     rewards.wait().await.unwrap();
     coordinator.wait().await.unwrap();
+    let per_batch = u64::from(shape.batch / shape.actors);
+    let produced: u64 = actor_registries
+        .iter()
+        .map(|r| {
+            r.gather()
+                .iter()
+                .filter(|f| f.name() == "encore_actor_batches_total")
+                .flat_map(|f| {
+                    f.get_metric()
+                        .iter()
+                        .map(|m| m.get_counter().get_value() as u64)
+                })
+                .sum::<u64>()
+        })
+        .sum::<u64>()
+        * per_batch;
+    let store = encore_store::open(&redis.url(), std::sync::Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let left_in_queue = store.queue_len(&job_id).await.unwrap() * per_batch;
     Outcome {
         job_id,
         points,
         end,
         dir,
         redis,
+        produced,
+        left_in_queue,
     }
 }
 
@@ -261,12 +306,14 @@ async fn a_job_runs_through_actor_reward_server_and_learner() {
         end,
         dir,
         redis,
+        ..
     } = run_job(Shape {
         actors: 1,
         ranks: 1,
         steps: STEPS,
         batch: 8,
         learning_rate: 1e-3,
+        kill_learner_after: None,
     })
     .await;
     assert_eq!(end, Some(JobState::Succeeded as i32));
@@ -324,6 +371,7 @@ async fn two_actors_feed_two_learner_ranks() {
         steps: STEPS_2X2,
         batch: 16,
         learning_rate: 3e-3,
+        kill_learner_after: None,
     })
     .await;
     assert_eq!(outcome.end, Some(JobState::Succeeded as i32));
@@ -347,5 +395,45 @@ async fn two_actors_feed_two_learner_ranks() {
             .points
             .iter()
             .all(|p| p.kl.is_finite() && p.grad_norm > 0.0)
+    );
+}
+
+/// The learner dies mid-job without any clean-up; a new one takes its rank
+/// once the lease lapses, resumes from the last checkpoint and finishes the
+/// job. Every rollout the actor produced is consumed, dropped on purpose
+/// (and counted), or still in the queue.
+#[tokio::test]
+async fn a_killed_learner_resumes_from_its_checkpoint_and_nothing_is_lost() {
+    const STEPS_KILLED: u64 = 10;
+    let outcome = run_job(Shape {
+        actors: 1,
+        ranks: 1,
+        steps: STEPS_KILLED,
+        batch: 8,
+        learning_rate: 1e-3,
+        kill_learner_after: Some(5),
+    })
+    .await;
+    assert_eq!(outcome.end, Some(JobState::Succeeded as i32));
+    let steps: Vec<u64> = outcome.points.iter().map(|p| p.step).collect();
+    assert_eq!(
+        steps,
+        (1..=STEPS_KILLED).collect::<Vec<_>>(),
+        "each step reported once"
+    );
+    let last = outcome.points.last().unwrap();
+    assert_eq!(
+        outcome.produced,
+        last.rollouts_consumed_total + last.rollouts_dropped_total + outcome.left_in_queue,
+        "produced = consumed + dropped + still queued ({:?})",
+        last.dropped_by_reason
+    );
+    println!(
+        "produced {} = consumed {} + dropped {} {:?} + queued {}",
+        outcome.produced,
+        last.rollouts_consumed_total,
+        last.rollouts_dropped_total,
+        last.dropped_by_reason,
+        outcome.left_in_queue
     );
 }

@@ -48,6 +48,23 @@ pub enum LearnerError {
     /// it is loaded into; the message names the entry.
     #[error("state mismatch: {0}")]
     StateMismatch(String),
+    /// The rollout queue (the store) failed.
+    #[error("rollout queue: {0}")]
+    Queue(#[from] encore_store::StoreError),
+    /// The collective with the other ranks failed (it must be formed again).
+    #[error("collective: {0}")]
+    Collective(#[from] crate::collective::CollectiveError),
+    /// The coordinator refused a call or could not be reached.
+    #[error("{what}: {status}")]
+    Rpc {
+        /// Which call.
+        what: String,
+        /// How it ended.
+        status: Box<tonic::Status>,
+    },
+    /// The assignment changed or the process is shutting down.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl LearnerError {

@@ -89,9 +89,7 @@ fn all_reduce_f64(
         } else {
             Vec::new()
         };
-        collective
-            .broadcast(&mut bytes, root)
-            .map_err(|e| LearnerError::Config(format!("broadcast: {e}")))?;
+        collective.broadcast(&mut bytes, root)?;
         if bytes.len() != values.len() * 8 {
             return Err(LearnerError::StateMismatch(format!(
                 "rank {root} sent {} bytes of statistics, expected {}",
@@ -204,9 +202,7 @@ impl Trainer {
             stats = stats.merge(&out.1);
         }
 
-        collective
-            .all_reduce_sum(&mut flat)
-            .map_err(|e| LearnerError::Config(format!("all-reduce: {e}")))?;
+        collective.all_reduce_sum(&mut flat)?;
         let grad_norm = clip_global_norm(&mut flat, self.max_grad_norm);
         if !grad_norm.is_finite() {
             return Err(LearnerError::InvalidBatch(format!(

@@ -29,7 +29,7 @@ use candle_nn::ParamsAdamW;
 use encore_coordinator::member::{
     ClusterClient, CoordinatorClient, Membership, WeightClient, instance_id,
 };
-use encore_coordinator::weights::client::{PublishData, publish};
+use encore_coordinator::weights::client::{PublishData, PublishError, publish};
 use encore_model::TrainablePolicy;
 use encore_proto::v1::{
     AlgorithmKind, Capabilities, DeviceKind, GetManifestRequest, JobSpec, JobState,
@@ -211,9 +211,7 @@ impl Learner {
         let rank = work.rank as usize;
         let world = work.world_size.max(1) as usize;
         tracing::info!(job_id, rank, world, "training");
-        let store = encore_store::open(queue_uri, Arc::new(SystemClock))
-            .await
-            .map_err(|e| LearnerError::Config(format!("rollout queue {queue_uri:?}: {e}")))?;
+        let store = encore_store::open(queue_uri, Arc::new(SystemClock)).await?;
 
         // The collective (blocking: ranks wait for each other).
         let collective_config =
@@ -225,8 +223,7 @@ impl Learner {
         let mut collective =
             tokio::task::spawn_blocking(move || connect(&collective_config, Some(listener)))
                 .await
-                .map_err(|e| LearnerError::Config(format!("forming the collective: {e}")))?
-                .map_err(|e| LearnerError::Config(format!("forming the collective: {e}")))?;
+                .map_err(|e| LearnerError::Config(format!("forming the collective: {e}")))??;
 
         // The model, resumed from the latest checkpoint if there is one.
         let base = base_dir(&spec)?;
@@ -243,16 +240,12 @@ impl Learner {
         // used again, first: the checkpoint predates them.
         let claimed = store
             .queue_claim_stale(job_id, GROUP, &consumer, Duration::ZERO, 100_000)
-            .await
-            .map_err(|e| LearnerError::Config(format!("rollout queue: {e}")))?;
+            .await?;
         let (trained, redo) = split_claimed(claimed, &state.trained_unacknowledged);
         if !trained.is_empty() {
             // The checkpoint covers them; the crash came before their
             // acknowledgement.
-            store
-                .queue_ack(job_id, GROUP, &trained)
-                .await
-                .map_err(|e| LearnerError::Config(format!("rollout queue: {e}")))?;
+            store.queue_ack(job_id, GROUP, &trained).await?;
         }
         let mut backlog: VecDeque<QueueEntry> = redo.into();
         if !backlog.is_empty() || !trained.is_empty() {
@@ -291,13 +284,10 @@ impl Learner {
                     Some(entry) => entry,
                     None => {
                         let read = tokio::select! {
-                            () = cancel.cancelled() => return Err(LearnerError::Config("cancelled".into())),
+                            () = cancel.cancelled() => return Err(LearnerError::Cancelled),
                             read = store.queue_read(job_id, GROUP, &consumer, 1, READ_BLOCK) => read,
                         };
-                        match read
-                            .map_err(|e| LearnerError::Config(format!("rollout queue: {e}")))?
-                            .pop()
-                        {
+                        match read?.pop() {
                             Some(entry) => entry,
                             None => continue,
                         }
@@ -417,11 +407,8 @@ impl Learner {
                 .await
                 .map_err(|e| LearnerError::Config(format!("barrier panicked: {e}")))?;
                 collective = back;
-                barrier.map_err(|e| LearnerError::Config(format!("barrier: {e}")))?;
-                store
-                    .queue_ack(job_id, GROUP, &pending)
-                    .await
-                    .map_err(|e| LearnerError::Config(format!("rollout queue: {e}")))?;
+                barrier?;
+                store.queue_ack(job_id, GROUP, &pending).await?;
                 pending.clear();
             }
             if rank == 0 {
@@ -455,7 +442,7 @@ impl Learner {
                 (None, _) => {}
             }
             if cancel.is_cancelled() {
-                return Err(LearnerError::Config("cancelled".into()));
+                return Err(LearnerError::Cancelled);
             }
         }
     }
@@ -509,9 +496,8 @@ impl Learner {
             Ok(_) => Ok(()),
             // Already above this version (a resumed rank 0 publishing again):
             // the committed one stands.
-            Err(e)
-                if e.to_string().contains("VERSION_NOT_MONOTONIC")
-                    || e.to_string().contains("not above") =>
+            Err(PublishError::Status(status))
+                if status.code() == tonic::Code::FailedPrecondition =>
             {
                 Ok(())
             }
@@ -540,7 +526,10 @@ impl Learner {
                 failure_message: String::new(),
             })
             .await
-            .map_err(|s| LearnerError::Config(format!("ReportProgress: {s}")))?;
+            .map_err(|status| LearnerError::Rpc {
+                what: "ReportProgress".into(),
+                status: Box::new(status),
+            })?;
         Ok(answer.into_inner().state)
     }
 }
@@ -665,9 +654,7 @@ fn gather(collective: &mut dyn Collective, mine: &[String]) -> Result<Vec<String
         } else {
             Vec::new()
         };
-        collective
-            .broadcast(&mut bytes, root)
-            .map_err(|e| LearnerError::Config(format!("broadcast: {e}")))?;
+        collective.broadcast(&mut bytes, root)?;
         let text = String::from_utf8(bytes).map_err(|_| {
             LearnerError::StateMismatch(format!("rank {root} sent non-UTF-8 entry ids"))
         })?;

@@ -71,12 +71,8 @@ impl Config {
     /// Checks every value; the error names the first offending key.
     pub fn validate(&self) -> Result<()> {
         let bad = |key: &str, why: String| Err(Error::Config(format!("{SECTION}.{key}: {why}")));
-        if !(self.coordinator.starts_with("http://") || self.coordinator.starts_with("https://")) {
-            return bad(
-                "coordinator",
-                format!("expected http(s)://HOST:PORT, got {:?}", self.coordinator),
-            );
-        }
+        encore_config::check_url(&format!("{SECTION}.coordinator"), &self.coordinator)
+            .map_err(|e| Error::Config(e.to_string()))?;
         if self.queue_max_batches == 0 {
             return bad("queue_max_batches", "must be at least 1".into());
         }

@@ -34,6 +34,18 @@ impl From<config::ConfigError> for ConfigError {
     }
 }
 
+/// Checks that `value`, the value of `key`, is an http(s) URL such as the
+/// coordinator's `http://HOST:PORT`; the error names the key.
+pub fn check_url(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.starts_with("http://") || value.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "{key}: expected http(s)://HOST:PORT, got {value:?}"
+        )))
+    }
+}
+
 /// A secret (a token) given either inline or as a file holding it (a
 /// Kubernetes Secret mounted as a volume), surrounding whitespace trimmed.
 /// `key` is the inline key's full path (for example

@@ -74,12 +74,8 @@ impl Config {
     pub fn validate(&self) -> Result<(), LearnerError> {
         let bad =
             |key: &str, why: String| Err(LearnerError::Config(format!("{SECTION}.{key}: {why}")));
-        if !(self.coordinator.starts_with("http://") || self.coordinator.starts_with("https://")) {
-            return bad(
-                "coordinator",
-                format!("expected http(s)://HOST:PORT, got {:?}", self.coordinator),
-            );
-        }
+        encore_config::check_url(&format!("{SECTION}.coordinator"), &self.coordinator)
+            .map_err(|e| LearnerError::Config(e.to_string()))?;
         if self.keep_checkpoints == 0 {
             return bad("keep_checkpoints", "must be at least 1".into());
         }

@@ -163,14 +163,8 @@ impl Config {
             return bad("max_caption_bytes", "must be at least 1".into());
         }
         if !self.coordinator.is_empty() {
-            if !(self.coordinator.starts_with("http://")
-                || self.coordinator.starts_with("https://"))
-            {
-                return bad(
-                    "coordinator",
-                    format!("expected http(s)://HOST:PORT, got {:?}", self.coordinator),
-                );
-            }
+            encore_config::check_url(&format!("{SECTION}.coordinator"), &self.coordinator)
+                .map_err(|e| Error::Config(e.to_string()))?;
             self.worker_token()?;
         }
         if let Err(e) = encore_model::device(&self.device) {

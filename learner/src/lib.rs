@@ -16,6 +16,7 @@ pub mod collective;
 pub mod config;
 mod error;
 pub mod loss;
+pub mod metrics;
 pub mod normalize;
 pub mod optim;
 pub mod step;
@@ -55,13 +56,13 @@ pub async fn run_with(
     let readiness = Readiness::new();
     let (admin_addr, admin) = serve_admin(
         config.admin,
-        AdminState::new(registry, readiness.clone()),
+        AdminState::new(registry.clone(), readiness.clone()),
         shutdown.clone(),
     )
     .await
     .map_err(|e| LearnerError::Config(e.to_string()))?;
     tracing::info!(%admin_addr, coordinator = %config.coordinator, "learner starting");
-    let learner = Learner::new(config)?;
+    let learner = Learner::new(config, &registry)?;
     readiness.set_ready();
     let result = learner.run(shutdown.clone()).await;
     readiness.set_not_ready("shutting down");

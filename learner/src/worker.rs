@@ -46,6 +46,7 @@ use crate::collective::{Collective, CollectiveConfig, connect};
 use crate::config::Config;
 use crate::error::LearnerError;
 use crate::loss::{Algorithm, LossConfig};
+use crate::metrics::{Metrics, Phase};
 use crate::normalize::{Normalization, NormalizationKind, RewardSpec};
 use crate::optim::{AdamW, named_vars};
 use crate::step::{StepReport, Trainer};
@@ -62,11 +63,14 @@ pub struct Learner {
     coordinator: CoordinatorClient,
     listener: TcpListener,
     advertise: String,
+    metrics: Metrics,
 }
 
 impl Learner {
-    /// Binds the collective listener and prepares the coordinator channel.
-    pub fn new(config: Config) -> Result<Self, LearnerError> {
+    /// Binds the collective listener, prepares the coordinator channel and
+    /// registers the metrics on `registry`.
+    pub fn new(config: Config, registry: &prometheus::Registry) -> Result<Self, LearnerError> {
+        let metrics = Metrics::new(registry)?;
         let device = encore_model::device(&config.device)?;
         let coordinator = CoordinatorClient::new(&config.coordinator, &config.token()?)
             .map_err(|e| LearnerError::Config(format!("learner.{e}")))?;
@@ -86,6 +90,7 @@ impl Learner {
             coordinator,
             listener,
             advertise,
+            metrics,
         })
     }
 
@@ -279,6 +284,11 @@ impl Learner {
             let share = (plan.batch_size / world).max(plan.k);
             let mut rollouts: Vec<Rollout> = Vec::with_capacity(share);
             let started = Instant::now();
+            if rank == 0
+                && let Ok(depth) = store.queue_len(job_id).await
+            {
+                self.metrics.queue_depth(job_id, depth);
+            }
             while rollouts.len() < share {
                 let entry = match backlog.pop_front() {
                     Some(entry) => entry,
@@ -304,6 +314,9 @@ impl Learner {
                     Err((reason, n)) => *dropped.entry(reason.into()).or_default() += n,
                 }
             }
+
+            self.metrics.phase(job_id, Phase::Wait, started.elapsed());
+            let step_started = Instant::now();
 
             // The step itself, on a blocking thread.
             let tokens: u64 = rollouts.iter().map(|r| r.tokens.len() as u64).sum();
@@ -332,6 +345,12 @@ impl Learner {
             .map_err(|e| LearnerError::Config(format!("the step panicked: {e}")))?;
             (trainer, collective) = back;
             let report = report?;
+            self.metrics
+                .phase(job_id, Phase::Step, step_started.elapsed());
+            self.metrics.staleness(job_id, &staleness);
+            if rank == 0 {
+                self.metrics.step(job_id, &stage.name, &report);
+            }
             let took = started.elapsed();
             state.step += 1;
             // Job-wide counts: the step summed them over the ranks.
@@ -348,6 +367,7 @@ impl Learner {
 
             // Publish, then report, then checkpoint.
             if rank == 0 && state.step % plan.publish_every == 0 {
+                let publish_started = Instant::now();
                 state.policy_version += 1;
                 self.publish(
                     job_id,
@@ -364,11 +384,15 @@ impl Learner {
                         sha256: String::new(),
                     })
                 });
+                self.metrics
+                    .phase(job_id, Phase::Publish, publish_started.elapsed());
             }
+            self.metrics.policy_version(job_id, state.policy_version);
             let stop = stop_reason(&stage, &state, &recent);
             let last_stage = state.stage_index as usize + 1 >= plan.stages.len();
             let checkpoint_now = state.step % plan.checkpoint_every == 0 || stop.is_some();
             if checkpoint_now {
+                let checkpoint_started = Instant::now();
                 trainer.normalizer.clone_into(&mut state.normalizer);
                 state.queue_position = pending.last().map(ToString::to_string);
                 // Every rank's unacknowledged entries go into the
@@ -410,8 +434,11 @@ impl Learner {
                 barrier?;
                 store.queue_ack(job_id, GROUP, &pending).await?;
                 pending.clear();
+                self.metrics
+                    .phase(job_id, Phase::Checkpoint, checkpoint_started.elapsed());
             }
             if rank == 0 {
+                let report_started = Instant::now();
                 let point =
                     metric_point(&state, &stage, &report, took, tokens, &staleness, &trainer);
                 let stage_change = match (stop, last_stage) {
@@ -426,6 +453,8 @@ impl Learner {
                 let answer = self
                     .report(membership, job_id, point, stage_change, job_stop)
                     .await?;
+                self.metrics
+                    .phase(job_id, Phase::Report, report_started.elapsed());
                 if JobState::try_from(answer).is_ok_and(JobState::is_terminal) {
                     tracing::info!(job_id, step = state.step, "the job has ended");
                     return Ok(());
@@ -476,6 +505,8 @@ impl Learner {
         let config = serde_json::to_string(policy.policy.config())
             .map_err(|e| LearnerError::Config(format!("policy config: {e}")))?;
         let mut client = self.weights();
+        let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+        let publish_started = Instant::now();
         let published = publish(
             &mut client,
             PublishHeader {
@@ -493,7 +524,11 @@ impl Learner {
         .await;
         let _ = std::fs::remove_file(&path);
         match published {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.metrics
+                    .published(job_id, publish_started.elapsed(), bytes);
+                Ok(())
+            }
             // Already above this version (a resumed rank 0 publishing again):
             // the committed one stands.
             Err(PublishError::Status(status))

@@ -146,7 +146,15 @@ fn run_rank(
     peers: Vec<String>,
     listener: Option<TcpListener>,
 ) -> (Vec<Vec<f32>>, Vec<StepReport>) {
-    let mut collective = connect(&config(rank, world, peers), listener).unwrap();
+    run_on(&config(rank, world, peers), listener)
+}
+
+fn run_on(
+    config: &CollectiveConfig,
+    listener: Option<TcpListener>,
+) -> (Vec<Vec<f32>>, Vec<StepReport>) {
+    let (rank, world) = (config.rank, config.world_size);
+    let mut collective = connect(config, listener).unwrap();
     let mut trainer = trainer();
     let mut reports = Vec::new();
     for n in 0..STEPS as u64 {
@@ -279,4 +287,23 @@ fn two_ranks_take_the_step_one_rank_takes_on_the_global_batch() {
          relative update difference {update_apart:e}"
     );
     assert!(update_apart < 1e-3, "updates differ by {update_apart:e}");
+}
+
+/// One NCCL rank on a real GPU takes exactly the step of one rank without
+/// NCCL: the learner's gradient all-reduce, the exact f64 sums and the
+/// barrier all go through the library, and a one-rank sum is the identity.
+#[cfg(feature = "nccl")]
+#[test]
+#[ignore = "needs a CUDA GPU and libnccl (scripts/nccl-check.sh)"]
+fn one_nccl_rank_takes_the_step_of_one_plain_rank() {
+    let (plain, plain_reports) = run_rank(0, 1, vec!["127.0.0.1:1".into()], None);
+    let id = encore_learner::collective::new_nccl_unique_id().expect("an NCCL unique id");
+    let nccl = CollectiveConfig {
+        backend: CollectiveBackend::Nccl,
+        nccl_unique_id: Some(id.to_vec()),
+        ..config(0, 1, vec!["127.0.0.1:1".into()])
+    };
+    let (on_gpu, gpu_reports) = run_on(&nccl, None);
+    assert_eq!(on_gpu, plain, "identical weights");
+    assert_eq!(gpu_reports, plain_reports, "identical statistics");
 }

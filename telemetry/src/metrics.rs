@@ -45,8 +45,8 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts,
-    Registry,
+    CounterVec, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    Opts, Registry,
 };
 
 use crate::error::{Error, Result};
@@ -82,7 +82,7 @@ pub fn registry() -> &'static Registry {
 pub enum Label {
     /// The training job (a run of the coordinator).
     Job,
-    /// The pipeline stage: rollout, reward, learn...
+    /// The job's stage, as its spec names it (`R`, `U`, `main`...).
     Stage,
     /// The model or policy version.
     Model,
@@ -95,6 +95,10 @@ pub enum Label {
     Code,
     /// A lifecycle state, e.g. a job's `RUNNING`.
     State,
+    /// Where a process spends its time, e.g. a learner's `wait` or `step`.
+    Phase,
+    /// Why something was dropped or refused, e.g. a rollout's `stale`.
+    Reason,
 }
 
 impl Label {
@@ -108,6 +112,8 @@ impl Label {
             Label::Method => "method",
             Label::Code => "code",
             Label::State => "state",
+            Label::Phase => "phase",
+            Label::Reason => "reason",
         }
     }
 }
@@ -167,6 +173,19 @@ impl Subsystem {
     pub fn counter_vec(&self, name: &str, help: &str, labels: &[Label]) -> Result<IntCounterVec> {
         let full = self.counter_name(name)?;
         let vec = IntCounterVec::new(Opts::new(&full, help), &label_names(labels));
+        self.register(vec.map_err(|e| register_error(full, e))?)
+    }
+
+    /// A floating-point counter with labels (seconds spent, say); `name`
+    /// must end in `_total`.
+    pub fn float_counter_vec(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[Label],
+    ) -> Result<CounterVec> {
+        let full = self.counter_name(name)?;
+        let vec = CounterVec::new(Opts::new(&full, help), &label_names(labels));
         self.register(vec.map_err(|e| register_error(full, e))?)
     }
 

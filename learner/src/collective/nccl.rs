@@ -30,10 +30,18 @@
 //! by panicking; this module turns that panic into the error (the panic
 //! message still reaches stderr through the panic hook).
 //!
+//! One rank: every operation still goes through NCCL (a one-rank
+//! all-reduce is a device copy), so a single GPU exercises the whole data
+//! path; the cost is two host copies of the gradient per step, small next
+//! to the step. NCCL refuses two ranks on one GPU ("Duplicate GPU
+//! detected"), so the multi-rank path needs a machine with several GPUs.
+//!
 //! Not covered: NCCL calls here are blocking and have no timeout; a rank
 //! whose peer died waits until its process is stopped (the coordinator's
-//! lease expiry re-forms the ring). This code has been compiled, not run:
-//! the development machines have no GPU.
+//! lease expiry re-forms the ring).
+//!
+//! Run on a GPU: `scripts/nccl-check.sh` runs the ignored tests below and
+//! `tests/data_parallel.rs`'s NCCL test against the real library.
 
 use std::ffi::c_char;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -137,9 +145,6 @@ impl Nccl {
         buf: &mut B,
     ) -> Result<(), CollectiveError> {
         self.usable()?;
-        if self.world_size == 1 {
-            return Ok(());
-        }
         let result = self.bind().and_then(|()| {
             self.comm
                 .all_reduce_in_place(buf, &ReduceOp::Sum)
@@ -257,7 +262,7 @@ impl Collective for Nccl {
 
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
         self.usable()?;
-        if self.world_size == 1 || buf.is_empty() {
+        if buf.is_empty() {
             return Ok(());
         }
         let result = guard("ncclAllReduce", || self.host_all_reduce(buf));
@@ -272,18 +277,12 @@ impl Collective for Nccl {
             )));
         }
         self.usable()?;
-        if self.world_size == 1 {
-            return Ok(());
-        }
         let result = guard("ncclBroadcast", || self.host_broadcast(buf, root));
         self.finish(result)
     }
 
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         self.usable()?;
-        if self.world_size == 1 {
-            return Ok(());
-        }
         let result = guard("barrier", || self.device_barrier());
         self.finish(result)
     }
@@ -335,6 +334,49 @@ mod tests {
                 "{err}"
             ),
         }
+    }
+
+    /// The whole data path of one rank on a real GPU: host all-reduce
+    /// (and the staging buffer growing), broadcast, barrier and the device
+    /// all-reduce. A one-rank sum is the identity, so every value must come
+    /// back bit for bit.
+    #[test]
+    #[ignore = "needs a CUDA GPU and libnccl (scripts/nccl-check.sh)"]
+    fn one_rank_runs_every_operation_on_a_gpu() {
+        let id = Nccl::unique_id().expect("ncclGetUniqueId");
+        let mut nccl = Nccl::new(0, 1, &id, 0).expect("a one-rank communicator");
+        for len in [1usize, 1000, 3_000_017] {
+            let want: Vec<f32> = (0..len).map(|i| (i as f32).mul_add(0.5, -7.25)).collect();
+            let mut buf = want.clone();
+            nccl.all_reduce_sum(&mut buf).expect("host all-reduce");
+            assert_eq!(buf, want, "{len} values");
+        }
+        for message in [&b""[..], b"x", &[7u8; 100_001][..]] {
+            let mut bytes = message.to_vec();
+            nccl.broadcast(&mut bytes, 0).expect("broadcast");
+            assert_eq!(bytes, message);
+        }
+        nccl.barrier().expect("barrier");
+        let want: Vec<f32> = (0..1 << 20).map(|i| i as f32).collect();
+        let stream = nccl.stream().clone();
+        let mut device = stream.clone_htod(&want).expect("to the device");
+        nccl.all_reduce_sum_device(&mut device)
+            .expect("device all-reduce");
+        let back = stream.clone_dtoh(&device).expect("from the device");
+        assert_eq!(back, want);
+
+        // What one rank's host path costs per step for 64 MB of gradient.
+        let mut big = vec![1.0f32; 16 << 20];
+        let started = std::time::Instant::now();
+        for _ in 0..10 {
+            nccl.all_reduce_sum(&mut big).expect("64 MB all-reduce");
+        }
+        let took = started.elapsed().as_secs_f64() / 10.0;
+        println!(
+            "one rank, 64 MB host all-reduce: {:.2} ms ({:.1} GB/s)",
+            took * 1e3,
+            64.0 * 1.048_576e6 / took / 1e9
+        );
     }
 
     #[test]

@@ -150,8 +150,10 @@ pub struct LossStats {
     pub policy_loss: f64,
     /// `beta * sum k3 / N`, the KL penalty term.
     pub kl_penalty: f64,
-    /// Mean over sequences of the k1 estimate `sum_t (logp - logr)`, nats
-    /// per sequence (`MetricPoint.kl`).
+    /// Mean over sequences of `sum_t k3`, nats per sequence
+    /// (`MetricPoint.kl`): the quantity the penalty acts on. Never
+    /// negative, unlike k1 (`sum_t (logp - logr)`), which on rollouts from
+    /// an older policy swings far below zero.
     pub kl_seq_mean: f64,
     /// Mean over tokens of k3, nats per token.
     pub kl_k3_mean: f64,
@@ -303,12 +305,8 @@ pub fn policy_loss(cfg: &LossConfig, inputs: &LossInputs<'_>) -> Result<LossOutp
         loss: policy_loss + kl_penalty,
         policy_loss,
         kl_penalty,
-        // k1 summed over a sequence's tokens, then averaged over sequences.
-        kl_seq_mean: if b > 0 {
-            -scalar(&ref_minus_logp.detach().sum_all()?)? / b as f64
-        } else {
-            0.0
-        },
+        // k3 summed over a sequence's tokens, then averaged over sequences.
+        kl_seq_mean: if b > 0 { k3_total / b as f64 } else { 0.0 },
         kl_k3_mean: per_token(k3_total),
         neg_log_prob_mean: per_token(-scalar(&logp_valid.sum_all()?)?),
         clip_fraction: per_token(scalar(&clipped.to_dtype(dtype)?.sum_all()?)?),

@@ -72,6 +72,10 @@ pub struct Trainer {
     pub max_grad_norm: f64,
     /// Rollouts per forward and backward pass (0: all at once).
     pub micro_batch: usize,
+    /// Passes over each batch, each an optimiser step (PPO's epochs; 1 for
+    /// REINFORCE). Later passes are off-policy: the clipped importance
+    /// ratios against the behaviour log-probs keep them honest.
+    pub epochs: usize,
 }
 
 /// Sums `values` (f64) across ranks exactly and identically everywhere:
@@ -119,7 +123,6 @@ impl Trainer {
         dropped: &BTreeMap<String, u64>,
         collective: &mut dyn Collective,
     ) -> Result<StepReport, LearnerError> {
-        let device = self.policy.policy.device().clone();
         let scores: Vec<HashMap<String, f64>> = rollouts
             .iter()
             .map(|r| r.scores.iter().map(|(k, s)| (k.clone(), s.value)).collect())
@@ -183,33 +186,12 @@ impl Trainer {
         let combined = self.normalizer.combined(stage, specs, &scores)?;
         let advantages = leave_one_out(&combined, group_size)?;
 
-        // Forward and backward per micro-batch; gradients accumulate in one
-        // flat buffer.
-        let total: usize = self.vars.iter().map(|(_, v)| v.elem_count()).sum();
-        let mut flat = vec![0f32; total];
-        let mut stats = LossStats::default();
-        let step = if self.micro_batch == 0 {
-            rollouts.len().max(1)
-        } else {
-            self.micro_batch
-        };
-        for (chunk, adv) in rollouts.chunks(step).zip(advantages.chunks(step)) {
-            let out = self.micro_step(chunk, adv, global_tokens, &device)?;
-            let grads = out.0.backward()?;
-            for (acc, g) in flat.iter_mut().zip(flatten_grads(&grads, &self.vars)?) {
-                *acc += g;
-            }
-            stats = stats.merge(&out.1);
+        // The first pass's statistics and gradient norm are the step's: they
+        // describe the batch as the actors produced it.
+        let (stats, grad_norm) = self.pass(rollouts, &advantages, global_tokens, collective)?;
+        for _ in 1..self.epochs.max(1) {
+            self.pass(rollouts, &advantages, global_tokens, collective)?;
         }
-
-        collective.all_reduce_sum(&mut flat)?;
-        let grad_norm = clip_global_norm(&mut flat, self.max_grad_norm);
-        if !grad_norm.is_finite() {
-            return Err(LearnerError::InvalidBatch(format!(
-                "the gradient norm is {grad_norm}; step skipped"
-            )));
-        }
-        self.optimizer.step_with(&unflatten(&flat, &self.vars)?)?;
 
         // Reported statistics over the global batch.
         let combined_sum: f64 = combined.iter().sum();
@@ -247,6 +229,45 @@ impl Trainer {
             rollouts: global_rollouts,
             dropped: global_dropped,
         })
+    }
+
+    /// One pass over this rank's share: forward and backward per
+    /// micro-batch (gradients accumulate in one flat buffer), the
+    /// all-reduce, clipping, and an AdamW step. Returns this rank's loss
+    /// statistics and the global gradient norm before clipping.
+    fn pass(
+        &mut self,
+        rollouts: &[Rollout],
+        advantages: &[f64],
+        global_tokens: f64,
+        collective: &mut dyn Collective,
+    ) -> Result<(LossStats, f64), LearnerError> {
+        let device = self.policy.policy.device().clone();
+        let total: usize = self.vars.iter().map(|(_, v)| v.elem_count()).sum();
+        let mut flat = vec![0f32; total];
+        let mut stats = LossStats::default();
+        let step = if self.micro_batch == 0 {
+            rollouts.len().max(1)
+        } else {
+            self.micro_batch
+        };
+        for (chunk, adv) in rollouts.chunks(step).zip(advantages.chunks(step)) {
+            let out = self.micro_step(chunk, adv, global_tokens, &device)?;
+            let grads = out.0.backward()?;
+            for (acc, g) in flat.iter_mut().zip(flatten_grads(&grads, &self.vars)?) {
+                *acc += g;
+            }
+            stats = stats.merge(&out.1);
+        }
+        collective.all_reduce_sum(&mut flat)?;
+        let grad_norm = clip_global_norm(&mut flat, self.max_grad_norm);
+        if !grad_norm.is_finite() {
+            return Err(LearnerError::InvalidBatch(format!(
+                "the gradient norm is {grad_norm}; step skipped"
+            )));
+        }
+        self.optimizer.step_with(&unflatten(&flat, &self.vars)?)?;
+        Ok((stats, grad_norm))
     }
 
     /// The loss of one micro-batch (its gradient still to be taken).

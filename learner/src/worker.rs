@@ -330,6 +330,9 @@ impl Learner {
                 .collect();
             let (stage_name, k, local_drops) =
                 (stage.name.clone(), plan.k, std::mem::take(&mut dropped));
+            trainer
+                .optimizer
+                .set_learning_rate(plan.learning_rate_at(state.step + 1));
             let (back, report) = tokio::task::spawn_blocking(move || {
                 let report = trainer.step(
                     &stage_name,
@@ -582,6 +585,20 @@ struct Plan {
     params: ParamsAdamW,
     max_grad_norm: f64,
     micro_batch: usize,
+    epochs: usize,
+    learning_rate: f64,
+    warmup_steps: u64,
+}
+
+impl Plan {
+    /// The learning rate of step `step` (1-based): linear warm-up over
+    /// `warmup_steps`, then constant.
+    fn learning_rate_at(&self, step: u64) -> f64 {
+        if self.warmup_steps == 0 {
+            return self.learning_rate;
+        }
+        self.learning_rate * (step as f64 / self.warmup_steps as f64).min(1.0)
+    }
 }
 
 impl Plan {
@@ -619,6 +636,13 @@ impl Plan {
             },
             max_grad_norm: algorithm.max_grad_norm.unwrap_or(1.0),
             micro_batch: algorithm.micro_batch_size as usize,
+            epochs: if algorithm.kind == AlgorithmKind::Reinforce as i32 {
+                1
+            } else {
+                algorithm.ppo_epochs.max(1) as usize
+            },
+            learning_rate: algorithm.learning_rate,
+            warmup_steps: u64::from(algorithm.warmup_steps),
         })
     }
 }
@@ -674,6 +698,7 @@ fn build_trainer(
             loss: plan.loss,
             max_grad_norm: plan.max_grad_norm,
             micro_batch: plan.micro_batch,
+            epochs: plan.epochs,
         },
         state,
     ))
@@ -859,6 +884,36 @@ mod tests {
             id: id.parse().unwrap(),
             payload: Vec::new(),
         }
+    }
+
+    #[test]
+    fn the_learning_rate_warms_up_linearly_then_holds() {
+        let spec = JobSpec {
+            stages: vec![Stage::default()],
+            algorithm: Some(encore_proto::v1::Algorithm {
+                learning_rate: 1e-3,
+                warmup_steps: 4,
+                ppo_epochs: 3,
+                ..encore_proto::v1::Algorithm::default()
+            }),
+            ..JobSpec::default()
+        };
+        let plan = Plan::from_spec(&spec).unwrap();
+        let lr: Vec<f64> = (1..=6).map(|s| plan.learning_rate_at(s)).collect();
+        assert_eq!(lr, [0.25e-3, 0.5e-3, 0.75e-3, 1e-3, 1e-3, 1e-3]);
+        assert_eq!(plan.epochs, 3);
+        let no_warmup = Plan::from_spec(&JobSpec {
+            algorithm: Some(encore_proto::v1::Algorithm {
+                learning_rate: 1e-3,
+                kind: AlgorithmKind::Reinforce as i32,
+                ppo_epochs: 3,
+                ..encore_proto::v1::Algorithm::default()
+            }),
+            ..spec
+        })
+        .unwrap();
+        assert_eq!(no_warmup.learning_rate_at(1), 1e-3);
+        assert_eq!(no_warmup.epochs, 1, "REINFORCE takes one pass");
     }
 
     #[test]

@@ -122,6 +122,7 @@ fn trainer() -> Trainer {
         },
         max_grad_norm: 1.0,
         micro_batch: 3,
+        epochs: 2,
     }
 }
 

@@ -138,8 +138,12 @@ fn on_policy_ratio_is_one_and_gradient_is_minus_advantage_over_n() {
         assert_eq!((e.stats.tokens, e.stats.sequences), (5, 2));
         // -mean logp = (1 + 2 + 0.5 + 0.3 + 1.2) / 5 = 1.
         assert_close("neg_log_prob_mean", e.stats.neg_log_prob_mean, 1.0, TOL);
-        // k1 per sequence: (0.1 - 0.1 + 0) and (0 - 0.2): mean -0.1.
-        assert_close("kl_seq_mean", e.stats.kl_seq_mean, -0.1, TOL);
+        // k3 summed per sequence, log r - log p = (-0.1, 0.1, 0) and
+        // (0, 0.2): k3(d) = e^d - d - 1, mean over the two sequences.
+        let k3 = |d: f64| d.exp() - d - 1.0;
+        let per_sequence = (k3(-0.1) + k3(0.1) + k3(0.0) + k3(0.2)) / 2.0;
+        assert_close("kl_seq_mean", e.stats.kl_seq_mean, per_sequence, TOL);
+        assert_close("kl_seq_mean", per_sequence, 0.015705547, 1e-9);
         assert_close("policy_loss", e.stats.policy_loss, -0.8, TOL);
         assert_eq!(e.stats.kl_penalty, 0.0);
 
@@ -303,8 +307,8 @@ fn kl_penalty_is_k3_with_gradient_one_minus_exp_of_ref_minus_logp() {
         (k3[0] + k3[1]) / 2.0,
         1e-7,
     );
-    // k1 of the one sequence: (-1 + 1.5) + (-0.2 + 0.1) = 0.4.
-    assert_close("kl_seq_mean", e.stats.kl_seq_mean, 0.4, TOL);
+    // k3 summed over the one sequence.
+    assert_close("kl_seq_mean", e.stats.kl_seq_mean, k3[0] + k3[1], TOL);
     let analytic = [
         beta * (1.0 - d[0].exp()) / 2.0,
         beta * (1.0 - d[1].exp()) / 2.0,

@@ -12,6 +12,7 @@ use candle_core::Device;
 use encore_coordinator::auth::BearerToken;
 use encore_coordinator::config::AuthConfig;
 use encore_coordinator::{Config, Coordinator};
+use encore_model::pretrain::PretrainConfig;
 use encore_model::{Preset, TrainablePolicy};
 use encore_proto::v1::job_service_client::JobServiceClient;
 use encore_proto::v1::{
@@ -19,6 +20,8 @@ use encore_proto::v1::{
     PromptList, PromptSource, RewardConfig, SamplingParams, StopCondition, SubmitJobRequest,
     WatchJobRequest, job_event, prompt_source,
 };
+use encore_raters::generate::{self, GenConfig};
+use encore_reward::train::{self, TrainConfig};
 use encore_reward::{ArchConfig, RewardConfig as ModelConfig, RewardKind, RewardModel};
 use encore_reward_server::{Config as RewardServerConfig, ServerBuilder};
 use encore_store::SystemClock;
@@ -70,12 +73,13 @@ fn spec(base: &std::path::Path, shape: Shape) -> JobSpec {
             }),
         }],
         algorithm: Some(Algorithm {
-            samples_per_prompt: 2,
+            samples_per_prompt: shape.k,
             batch_size: shape.batch,
             learning_rate: shape.learning_rate,
+            warmup_steps: 5,
             kl_coef: 0.05,
             sampling: Some(SamplingParams {
-                max_new_tokens: 16,
+                max_new_tokens: shape.frames,
                 ..SamplingParams::default()
             }),
             ..Algorithm::default()
@@ -101,10 +105,100 @@ struct Shape {
     ranks: u32,
     steps: u64,
     batch: u32,
+    /// Samples per prompt.
+    k: u32,
+    /// Frames per clip.
+    frames: u32,
     learning_rate: f64,
-    /// Abort the learner (no clean-up: its lease lapses) after this many
-    /// reported steps, and start a new one in its place.
-    kill_learner_after: Option<u64>,
+    /// A pretrained base and a trained quality model, instead of fresh
+    /// (untrained) ones.
+    trained: bool,
+}
+
+/// Pretrains the tiny base policy into `base` and trains a small quality
+/// model on simulated ratings: a reward with something to learn, and a
+/// policy whose clips it can tell apart.
+fn trained_models(base: &std::path::Path) -> RewardModel {
+    let started = std::time::Instant::now();
+    let pretrain = PretrainConfig {
+        preset: Preset::Tiny,
+        steps: 120,
+        batch_size: 8,
+        warmup_steps: 10,
+        eval_every: 120,
+        eval_examples: 4,
+        checkpoint_every: 0,
+        ..PretrainConfig::default()
+    };
+    encore_model::pretrain::pretrain(&pretrain, base, |_| {}).unwrap();
+    let pretrained = started.elapsed();
+    let ratings = generate::ratings(&GenConfig {
+        seed: 11,
+        n: 300,
+        frames_min: 40,
+        frames_max: 64,
+        ..GenConfig::default()
+    })
+    .unwrap();
+    let (model, report) = train::train_quality(
+        &ratings,
+        &TrainConfig {
+            epochs: 4,
+            batch_size: 16,
+            learning_rate: 3e-3,
+            warmup_steps: 5,
+            eval_fraction: 0.2,
+            arch: ArchConfig {
+                channels: 24,
+                dilations: vec![1, 2, 4],
+                embed_dim: 32,
+                hidden: 32,
+                ..ArchConfig::default()
+            },
+            ..TrainConfig::default()
+        },
+        &Device::Cpu,
+        &mut |_| {},
+    )
+    .unwrap();
+    println!(
+        "pretrained the base in {pretrained:.1?}, trained the quality model in {:.1?}: {}",
+        started.elapsed() - pretrained,
+        train::describe(&report)
+    );
+    model
+}
+
+/// What goes wrong during a job, once the given step has been reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    /// SIGKILL for the `encore-learner` process of rank 0 (the ranks run as
+    /// processes); a new process takes its place.
+    KillLearner {
+        after: u64,
+    },
+    /// Actor 0's tasks stop where they are: no clean-up, its lease lapses.
+    KillActor {
+        after: u64,
+    },
+    /// The reward server shuts down, and a new one starts on the same
+    /// address `away` later.
+    RewardServerAway {
+        after: u64,
+        away: Duration,
+    },
+}
+
+impl Fault {
+    fn after(self) -> Option<u64> {
+        match self {
+            Fault::None => None,
+            Fault::KillLearner { after }
+            | Fault::KillActor { after }
+            | Fault::RewardServerAway { after, .. } => Some(after),
+        }
+    }
 }
 
 /// What a finished job left behind.
@@ -118,18 +212,87 @@ struct Outcome {
     produced: u64,
     /// Rollouts still in the queue at the end (appended, not acknowledged).
     left_in_queue: u64,
+    /// Score calls the actors saw fail with UNAVAILABLE.
+    unavailable_score_calls: u64,
 }
 
-/// Runs one job of `shape` on a fresh cluster in this process and waits
-/// for it to end.
-async fn run_job(shape: Shape) -> Outcome {
+/// A learner rank: a task in this process, or an `encore-learner` process.
+enum Rank {
+    Task(tokio::task::JoinHandle<Result<(), encore_learner::LearnerError>>),
+    Process(tokio::process::Child),
+}
+
+impl Rank {
+    /// Starts a rank as the `encore-learner` binary.
+    fn process(url: &str, work_dir: &std::path::Path) -> Rank {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_encore-learner"))
+            .env("ENCORE_LEARNER__COORDINATOR", url)
+            .env("ENCORE_LEARNER__WORKER_TOKEN", WORKER)
+            .env("ENCORE_LEARNER__ADMIN", "127.0.0.1:0")
+            .env("ENCORE_LEARNER__WORK_DIR", work_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("encore-learner starts");
+        Rank::Process(child)
+    }
+
+    /// SIGKILL, or for a task the nearest thing: it stops where it is.
+    async fn kill(self) {
+        match self {
+            Rank::Task(task) => task.abort(),
+            Rank::Process(mut child) => {
+                child.kill().await.expect("SIGKILL");
+            }
+        }
+    }
+
+    /// Waits for a rank told to stop (SIGTERM for a process) to end cleanly.
+    async fn finish(self) {
+        match self {
+            Rank::Task(task) => {
+                let ended = tokio::time::timeout(PATIENCE, task).await;
+                ended.expect("the learner stops").unwrap().unwrap();
+            }
+            Rank::Process(mut child) => {
+                if let Some(pid) = child.id() {
+                    // SAFETY: kill(2) on our own child's pid, not yet reaped.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                }
+                let status = tokio::time::timeout(PATIENCE, child.wait()).await;
+                let status = status.expect("the learner stops").unwrap();
+                assert!(status.success(), "encore-learner ended with {status}");
+            }
+        }
+    }
+}
+
+/// Runs one job of `shape` on a fresh cluster in this process, injects
+/// `fault`, and waits for the job to end.
+async fn run_job(shape: Shape, fault: Fault) -> Outcome {
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
-    TrainablePolicy::fresh(&Preset::Tiny.config(), &Device::Cpu, 1)
-        .unwrap()
-        .save(&base, serde_json::json!({}))
-        .unwrap();
+    let mut quality_model = if shape.trained {
+        let base = base.clone();
+        tokio::task::spawn_blocking(move || trained_models(&base))
+            .await
+            .unwrap()
+    } else {
+        TrainablePolicy::fresh(&Preset::Tiny.config(), &Device::Cpu, 1)
+            .unwrap()
+            .save(&base, serde_json::json!({}))
+            .unwrap();
+        let mut quality = ModelConfig::new(RewardKind::Quality);
+        quality.arch = ArchConfig::tiny();
+        quality.min_tokens = 4;
+        quality.max_tokens = 200;
+        RewardModel::fresh(quality, &Device::Cpu, 3).unwrap()
+    };
+    let quality_dir = dir.path().join("quality");
+    quality_model.save(&quality_dir).unwrap();
 
     let stop = CancellationToken::new();
     let coordinator = Coordinator::new(Config {
@@ -153,33 +316,42 @@ async fn run_job(shape: Shape) -> Outcome {
     .unwrap();
     let url = format!("http://{}", coordinator.grpc_addr());
 
-    let mut quality = ModelConfig::new(RewardKind::Quality);
-    quality.arch = ArchConfig::tiny();
-    quality.min_tokens = 4;
-    quality.max_tokens = 200;
-    let rewards = ServerBuilder::new(RewardServerConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        admin: SocketAddr::from(([127, 0, 0, 1], 0)),
-        shutdown_grace_ms: 500,
-        coordinator: url.clone(),
-        worker_token: Some(WORKER.into()),
-        ..RewardServerConfig::default()
-    })
-    .registry(prometheus::Registry::new())
-    .model(
-        "quality",
-        RewardModel::fresh(quality, &Device::Cpu, 3).unwrap(),
-    )
-    .start(stop.clone())
-    .await
-    .unwrap();
+    let reward_server = {
+        let (url, quality_dir) = (url.clone(), quality_dir.clone());
+        move |listen: SocketAddr, token: CancellationToken| {
+            let (url, quality_dir) = (url.clone(), quality_dir.clone());
+            async move {
+                ServerBuilder::new(RewardServerConfig {
+                    listen,
+                    admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    shutdown_grace_ms: 500,
+                    coordinator: url,
+                    worker_token: Some(WORKER.into()),
+                    ..RewardServerConfig::default()
+                })
+                .registry(prometheus::Registry::new())
+                .model(
+                    "quality",
+                    RewardModel::load(&quality_dir, &Device::Cpu).unwrap(),
+                )
+                .start(token)
+                .await
+                .unwrap()
+            }
+        }
+    };
+    let rewards_stop = stop.child_token();
+    let rewards = reward_server(SocketAddr::from(([127, 0, 0, 1], 0)), rewards_stop.clone()).await;
+    let rewards_addr = rewards.grpc_addr();
+    let mut rewards = Some((rewards, rewards_stop));
+    let mut comeback = None;
 
-    let mut workers = Vec::new();
+    let mut actors = Vec::new();
     let mut actor_registries = Vec::new();
     for _ in 0..shape.actors {
         let registry = prometheus::Registry::new();
         actor_registries.push(registry.clone());
-        workers.push(tokio::spawn(encore_actor::run_with(
+        actors.push(tokio::spawn(encore_actor::run_with(
             encore_actor::Config {
                 coordinator: url.clone(),
                 worker_token: Some(WORKER.into()),
@@ -192,20 +364,25 @@ async fn run_job(shape: Shape) -> Outcome {
             stop.clone(),
         )));
     }
+    let processes = matches!(fault, Fault::KillLearner { .. });
+    let learner_dir = dir.path().join("learner");
     let learner = || {
-        tokio::spawn(encore_learner::run_with(
+        if processes {
+            return Rank::process(&url, &learner_dir);
+        }
+        Rank::Task(tokio::spawn(encore_learner::run_with(
             encore_learner::Config {
                 coordinator: url.clone(),
                 worker_token: Some(WORKER.into()),
                 admin: SocketAddr::from(([127, 0, 0, 1], 0)),
-                work_dir: dir.path().join("learner"),
+                work_dir: learner_dir.clone(),
                 ..encore_learner::Config::default()
             },
             prometheus::Registry::new(),
             stop.clone(),
-        ))
+        )))
     };
-    let mut learners: Vec<_> = (0..shape.ranks).map(|_| learner()).collect();
+    let mut learners: Vec<Rank> = (0..shape.ranks).map(|_| learner()).collect();
 
     let channel = Channel::from_shared(url.clone())
         .unwrap()
@@ -235,19 +412,34 @@ async fn run_job(shape: Shape) -> Outcome {
         .into_inner();
     let mut points = Vec::new();
     let mut end = None;
-    let mut killed = false;
+    let mut injected = false;
     let followed = tokio::time::timeout(PATIENCE, async {
         while let Some(event) = watch.next().await {
             match event.unwrap().event {
                 Some(job_event::Event::Metrics(p)) => {
                     let step = p.step;
                     points.push(p);
-                    if !killed && shape.kill_learner_after.is_some_and(|after| step >= after) {
-                        // Like SIGKILL for the learner: its tasks stop where
-                        // they are, nothing is deregistered or acknowledged.
-                        killed = true;
-                        learners[0].abort();
-                        learners[0] = learner();
+                    if injected || fault.after().is_none_or(|after| step < after) {
+                        continue;
+                    }
+                    injected = true;
+                    match fault {
+                        Fault::None => {}
+                        Fault::KillLearner { .. } => {
+                            learners.remove(0).kill().await;
+                            learners.insert(0, learner());
+                        }
+                        Fault::KillActor { .. } => actors[0].abort(),
+                        Fault::RewardServerAway { away, .. } => {
+                            let (server, token) = rewards.take().unwrap();
+                            token.cancel();
+                            server.wait().await.unwrap();
+                            let (start, token) = (reward_server.clone(), stop.child_token());
+                            comeback = Some(tokio::spawn(async move {
+                                tokio::time::sleep(away).await;
+                                start(rewards_addr, token).await
+                            }));
+                        }
                     }
                 }
                 Some(job_event::Event::StateChange(c)) => end = Some(c.state),
@@ -257,32 +449,48 @@ async fn run_job(shape: Shape) -> Outcome {
     });
     followed.await.expect("the job finished in time");
     stop.cancel();
-    for task in workers {
+    for (i, task) in actors.into_iter().enumerate() {
         let ended = tokio::time::timeout(PATIENCE, task).await;
-        ended.expect("the actor stops").unwrap().unwrap();
+        let ended = ended.expect("the actor stops");
+        if i == 0 && fault.after().is_some() && matches!(fault, Fault::KillActor { .. }) {
+            assert!(ended.unwrap_err().is_cancelled());
+        } else {
+            ended.unwrap().unwrap();
+        }
     }
-    for task in learners {
-        let ended = tokio::time::timeout(PATIENCE, task).await;
-        ended.expect("the learner stops").unwrap().unwrap();
+    for rank in learners {
+        rank.finish().await;
     }
-    rewards.wait().await.unwrap();
+    if let Some((server, _)) = rewards {
+        server.wait().await.unwrap();
+    }
+    if let Some(task) = comeback {
+        task.await.unwrap().wait().await.unwrap();
+    }
     coordinator.wait().await.unwrap();
     let per_batch = u64::from(shape.batch / shape.actors);
-    let produced: u64 = actor_registries
-        .iter()
-        .map(|r| {
-            r.gather()
-                .iter()
-                .filter(|f| f.name() == "encore_actor_batches_total")
-                .flat_map(|f| {
-                    f.get_metric()
+    let counter = |name: &str, label: Option<(&str, &str)>| -> u64 {
+        actor_registries
+            .iter()
+            .flat_map(|r| r.gather())
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().to_vec())
+            .filter(|m| {
+                label.is_none_or(|(k, v)| {
+                    m.get_label()
                         .iter()
-                        .map(|m| m.get_counter().get_value() as u64)
+                        .any(|l| l.name() == k && l.value() == v)
                 })
-                .sum::<u64>()
-        })
-        .sum::<u64>()
-        * per_batch;
+            })
+            // A counter's value, or a histogram's count: the other is 0.
+            .map(|m| m.get_counter().get_value() as u64 + m.get_histogram().get_sample_count())
+            .sum()
+    };
+    let produced = counter("encore_actor_batches_total", None) * per_batch;
+    let unavailable_score_calls = counter(
+        "encore_actor_reward_call_seconds",
+        Some(("code", "UNAVAILABLE")),
+    );
     let store = encore_store::open(&redis.url(), std::sync::Arc::new(SystemClock))
         .await
         .unwrap();
@@ -295,6 +503,7 @@ async fn run_job(shape: Shape) -> Outcome {
         redis,
         produced,
         left_in_queue,
+        unavailable_score_calls,
     }
 }
 
@@ -307,14 +516,19 @@ async fn a_job_runs_through_actor_reward_server_and_learner() {
         dir,
         redis,
         ..
-    } = run_job(Shape {
-        actors: 1,
-        ranks: 1,
-        steps: STEPS,
-        batch: 8,
-        learning_rate: 1e-3,
-        kill_learner_after: None,
-    })
+    } = run_job(
+        Shape {
+            actors: 1,
+            ranks: 1,
+            steps: STEPS,
+            batch: 8,
+            k: 2,
+            frames: 16,
+            learning_rate: 1e-3,
+            trained: false,
+        },
+        Fault::None,
+    )
     .await;
     assert_eq!(end, Some(JobState::Succeeded as i32));
     assert_eq!(
@@ -365,14 +579,19 @@ async fn a_job_runs_through_actor_reward_server_and_learner() {
 #[tokio::test]
 async fn two_actors_feed_two_learner_ranks() {
     const STEPS_2X2: u64 = 12;
-    let outcome = run_job(Shape {
-        actors: 2,
-        ranks: 2,
-        steps: STEPS_2X2,
-        batch: 16,
-        learning_rate: 3e-3,
-        kill_learner_after: None,
-    })
+    let outcome = run_job(
+        Shape {
+            actors: 2,
+            ranks: 2,
+            steps: STEPS_2X2,
+            batch: 16,
+            k: 2,
+            frames: 16,
+            learning_rate: 3e-3,
+            trained: false,
+        },
+        Fault::None,
+    )
     .await;
     assert_eq!(outcome.end, Some(JobState::Succeeded as i32));
     assert_eq!(
@@ -405,14 +624,19 @@ async fn two_actors_feed_two_learner_ranks() {
 #[tokio::test]
 async fn a_killed_learner_resumes_from_its_checkpoint_and_nothing_is_lost() {
     const STEPS_KILLED: u64 = 10;
-    let outcome = run_job(Shape {
-        actors: 1,
-        ranks: 1,
-        steps: STEPS_KILLED,
-        batch: 8,
-        learning_rate: 1e-3,
-        kill_learner_after: Some(5),
-    })
+    let outcome = run_job(
+        Shape {
+            actors: 1,
+            ranks: 1,
+            steps: STEPS_KILLED,
+            batch: 8,
+            k: 2,
+            frames: 16,
+            learning_rate: 1e-3,
+            trained: false,
+        },
+        Fault::KillLearner { after: 5 },
+    )
     .await;
     assert_eq!(outcome.end, Some(JobState::Succeeded as i32));
     let steps: Vec<u64> = outcome.points.iter().map(|p| p.step).collect();
@@ -430,6 +654,152 @@ async fn a_killed_learner_resumes_from_its_checkpoint_and_nothing_is_lost() {
     );
     println!(
         "produced {} = consumed {} + dropped {} {:?} + queued {}",
+        outcome.produced,
+        last.rollouts_consumed_total,
+        last.rollouts_dropped_total,
+        last.dropped_by_reason,
+        outcome.left_in_queue
+    );
+}
+
+/// MusicRL's loop in miniature: 2 actors, 1 reward server, a coordinator on
+/// Redis and 2 learner ranks fine-tune a pretrained base policy on a
+/// trained quality model. The mean reward rises by a clear margin while the
+/// KL to the base stays under its bound.
+#[tokio::test]
+async fn the_reward_rises_while_the_kl_stays_bounded() {
+    const STEPS_TRAINED: u64 = 40;
+    let outcome = run_job(
+        Shape {
+            actors: 2,
+            ranks: 2,
+            steps: STEPS_TRAINED,
+            batch: 32,
+            k: 4,
+            frames: 48,
+            learning_rate: 2e-3,
+            trained: true,
+        },
+        Fault::None,
+    )
+    .await;
+    assert_eq!(outcome.end, Some(JobState::Succeeded as i32));
+    let rewards: Vec<f64> = outcome
+        .points
+        .iter()
+        .map(|p| p.rewards["quality"].mean)
+        .collect();
+    let kls: Vec<f64> = outcome.points.iter().map(|p| p.kl).collect();
+    println!("quality reward per step {rewards:.3?}\nkl per step {kls:.3?}");
+    assert_eq!(rewards.len() as u64, STEPS_TRAINED);
+    // The quality model scores on the raters' 1-5 scale. Steps are noisy
+    // (one step's mean moves by about 0.1), so compare the first and last
+    // eight steps: 0.2 is about four standard errors of that difference.
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    let (first, last) = (mean(&rewards[..8]), mean(&rewards[rewards.len() - 8..]));
+    assert!(
+        last - first >= 0.2,
+        "the mean quality reward rose from {first:.3} to {last:.3} only"
+    );
+    // The KL bound of the objective `reward - beta * KL`: the reward was
+    // not bought with more distance from the base than beta allows, so the
+    // regularised objective rose too...
+    let beta = 0.05;
+    let objective: Vec<f64> = rewards
+        .iter()
+        .zip(&kls)
+        .map(|(r, kl)| r - beta * kl)
+        .collect();
+    let (first_objective, last_objective) = (
+        mean(&objective[..8]),
+        mean(&objective[objective.len() - 8..]),
+    );
+    assert!(
+        last_objective > first_objective,
+        "reward - beta KL fell from {first_objective:.3} to {last_objective:.3}"
+    );
+    // ...and no step strayed past the largest KL that objective can ever
+    // justify: the whole 1-5 reward range over beta, in nats per sequence
+    // (`MetricPoint.kl` sums k3 over a clip's tokens).
+    let kl_bound = (5.0 - 1.0) / beta;
+    assert!(
+        kls.iter().all(|kl| (0.0..=kl_bound).contains(kl)),
+        "KL left its bound of {kl_bound} nats per sequence: {kls:?}"
+    );
+    println!(
+        "mean quality reward: first 8 steps {first:.3}, last 8 steps {last:.3}; \
+         reward - {beta} KL: {first_objective:.3} -> {last_objective:.3}; \
+         largest KL {:.2} nats per clip (bound {kl_bound})",
+        kls.iter().copied().fold(0.0, f64::max)
+    );
+}
+
+/// One of two actors dies mid-job without any clean-up: the job carries on
+/// with the other one and finishes every step.
+#[tokio::test]
+async fn a_killed_actor_does_not_stop_the_job() {
+    const STEPS_ACTOR: u64 = 8;
+    let outcome = run_job(
+        Shape {
+            actors: 2,
+            ranks: 1,
+            steps: STEPS_ACTOR,
+            batch: 8,
+            k: 2,
+            frames: 16,
+            learning_rate: 1e-3,
+            trained: false,
+        },
+        Fault::KillActor { after: 3 },
+    )
+    .await;
+    assert_eq!(outcome.end, Some(JobState::Succeeded as i32));
+    let steps: Vec<u64> = outcome.points.iter().map(|p| p.step).collect();
+    assert_eq!(steps, (1..=STEPS_ACTOR).collect::<Vec<_>>());
+}
+
+/// The reward server goes away for two seconds mid-job and a new one comes
+/// back on the same address. The actors' Score calls fail meanwhile (they
+/// hold their sampled batches and retry), so the job stalls; then it runs
+/// to its end and every rollout produced is consumed, dropped on purpose
+/// or still queued: none was lost.
+#[tokio::test]
+async fn a_reward_server_that_goes_away_stalls_the_job_and_loses_nothing() {
+    const STEPS_AWAY: u64 = 8;
+    let outcome = run_job(
+        Shape {
+            actors: 1,
+            ranks: 1,
+            steps: STEPS_AWAY,
+            batch: 8,
+            k: 2,
+            frames: 16,
+            learning_rate: 1e-3,
+            trained: false,
+        },
+        Fault::RewardServerAway {
+            after: 3,
+            away: Duration::from_secs(2),
+        },
+    )
+    .await;
+    assert_eq!(outcome.end, Some(JobState::Succeeded as i32));
+    let steps: Vec<u64> = outcome.points.iter().map(|p| p.step).collect();
+    assert_eq!(steps, (1..=STEPS_AWAY).collect::<Vec<_>>());
+    assert!(
+        outcome.unavailable_score_calls > 0,
+        "the actor noticed the server was away"
+    );
+    let last = outcome.points.last().unwrap();
+    assert_eq!(
+        outcome.produced,
+        last.rollouts_consumed_total + last.rollouts_dropped_total + outcome.left_in_queue,
+        "produced = consumed + dropped + still queued ({:?})",
+        last.dropped_by_reason
+    );
+    println!(
+        "{} Score calls failed with UNAVAILABLE; produced {} = consumed {} + dropped {} {:?} + queued {}",
+        outcome.unavailable_score_calls,
         outcome.produced,
         last.rollouts_consumed_total,
         last.rollouts_dropped_total,

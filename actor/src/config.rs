@@ -35,6 +35,11 @@ pub struct Config {
     /// Most unacknowledged batches the rollout queue may hold before the
     /// actor waits (backpressure).
     pub queue_max_batches: u64,
+    /// Most batches the learners may have waiting unread before the actor
+    /// holds back its next one. 0 (the default) derives it from the job:
+    /// actors x max_staleness, beyond which a new batch would be read too
+    /// late and dropped as stale.
+    pub max_lead_batches: u64,
     /// Deadline of one Score call, in milliseconds.
     pub score_deadline_ms: u64,
     /// Longest back-off between retries of a failing call, in milliseconds.
@@ -52,6 +57,7 @@ impl Default for Config {
             device: "cpu".into(),
             work_dir: PathBuf::from("runs/actor"),
             queue_max_batches: 64,
+            max_lead_batches: 0,
             score_deadline_ms: 30_000,
             max_backoff_ms: 5_000,
         }

@@ -10,6 +10,7 @@
 //! | `encore_actor_reward_call_seconds{model,code}` | histogram | Score call latency by model and outcome |
 //! | `encore_actor_version_lag_versions{job}` | gauge | latest published version minus the one sampled from |
 //! | `encore_actor_queue_full_waits_total{job}` | counter | appends that found the queue full and waited |
+//! | `encore_actor_ahead_waits_total{job}` | counter | looks at the queue that found the learners far enough behind that a new batch would go stale, so the actor waited |
 
 use std::time::Duration;
 
@@ -35,6 +36,8 @@ pub struct Metrics {
     pub version_lag: GaugeVec,
     /// Waits on a full queue.
     pub queue_full_waits: IntCounterVec,
+    /// Waits for the learners to catch up.
+    pub ahead_waits: IntCounterVec,
 }
 
 impl Metrics {
@@ -68,6 +71,11 @@ impl Metrics {
             queue_full_waits: m.counter_vec(
                 "queue_full_waits_total",
                 "Appends that found the rollout queue full and waited.",
+                job,
+            )?,
+            ahead_waits: m.counter_vec(
+                "ahead_waits_total",
+                "Looks at the rollout queue that found the learners so far behind that a new batch would go stale, so the actor waited.",
                 job,
             )?,
         })

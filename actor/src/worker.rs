@@ -27,7 +27,7 @@ use encore_coordinator::weights::client::fetch_to_file;
 use encore_model::{Policy, SamplingParams};
 use encore_proto::v1::{
     ActorAssignment, Assignment, Capabilities, DeviceKind, GetManifestRequest, Resources, Role,
-    Rollout, ScoreItem, ScoredBatch, WeightManifest, assignment,
+    Rollout, RolloutQueue, ScoreItem, ScoredBatch, WeightManifest, assignment,
 };
 use encore_store::{AppendOutcome, Store, SystemClock};
 use prost::Message;
@@ -158,9 +158,9 @@ impl Actor {
             let outcome = match job {
                 Some((job_id, work, queue)) => {
                     let changed = assigned.clone();
-                    let uri = queue.map(|q| q.uri).unwrap_or_default();
+                    let queue = queue.unwrap_or_default();
                     self.run_job(
-                        member_id, &job_id, &work, &uri, changed, generation, membership,
+                        member_id, &job_id, &work, &queue, changed, generation, membership,
                     )
                     .await
                 }
@@ -189,7 +189,7 @@ impl Actor {
         member_id: &str,
         job_id: &str,
         work: &ActorAssignment,
-        queue_uri: &str,
+        queue: &RolloutQueue,
         assigned: watch::Receiver<Assignment>,
         generation: u64,
         membership: &Membership,
@@ -211,7 +211,7 @@ impl Actor {
             })
         };
         let result = self
-            .batches(member_id, job_id, work, queue_uri, membership, &cancel)
+            .batches(member_id, job_id, work, queue, membership, &cancel)
             .await;
         watcher.abort();
         match result {
@@ -225,7 +225,7 @@ impl Actor {
         member_id: &str,
         job_id: &str,
         work: &ActorAssignment,
-        queue_uri: &str,
+        queue: &RolloutQueue,
         membership: &Membership,
         cancel: &CancellationToken,
     ) -> Result<()> {
@@ -234,7 +234,16 @@ impl Actor {
                 .as_ref()
                 .ok_or_else(|| Error::Config("the assignment has no prompt shard".into()))?,
         )?;
-        let store = encore_store::open(queue_uri, Arc::new(SystemClock)).await?;
+        let store = encore_store::open(&queue.uri, Arc::new(SystemClock)).await?;
+        let group = if queue.consumer_group.is_empty() {
+            "learners"
+        } else {
+            queue.consumer_group.as_str()
+        };
+        let lead = match self.config.max_lead_batches {
+            0 => lead(work),
+            configured => configured,
+        };
         let rewards = RewardClients::new(
             &work.reward_servers,
             self.config.score_deadline(),
@@ -251,6 +260,8 @@ impl Actor {
             if cancel.is_cancelled() {
                 return Err(Error::ShuttingDown);
             }
+            self.wait_for_room(&*store, job_id, group, lead, cancel)
+                .await?;
             let latest = self.latest_manifest(job_id, cancel).await?;
             let newer = policy
                 .as_ref()
@@ -362,6 +373,34 @@ impl Actor {
         }
     }
 
+    /// Waits while the learners have `lead` or more batches waiting that
+    /// they have not read yet: a batch sampled now would wait behind them
+    /// and go stale before it is read. (A hard bound on the queue,
+    /// `queue_max_batches`, is enforced when appending.)
+    async fn wait_for_room(
+        &self,
+        store: &dyn Store,
+        job_id: &str,
+        group: &str,
+        lead: u64,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let len = store.queue_len(job_id).await?;
+            let pending = store.queue_pending(job_id, group).await?;
+            if len.saturating_sub(pending) < lead {
+                return Ok(());
+            }
+            self.metrics.ahead_waits.with_label_values(&[job_id]).inc();
+            tokio::select! {
+                () = cancel.cancelled() => return Err(Error::ShuttingDown),
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_AHEAD_POLL);
+        }
+    }
+
     /// Appends to the rollout queue, waiting while it is full.
     async fn append(
         &self,
@@ -470,4 +509,18 @@ impl Actor {
 
 fn version_of(manifest: &WeightManifest) -> u64 {
     manifest.version.as_ref().map_or(0, |v| v.version)
+}
+
+/// Longest pause between two looks at the queue while waiting for room.
+const MAX_AHEAD_POLL: Duration = Duration::from_millis(250);
+
+/// How many unread batches may wait for the learners before an actor holds
+/// back: every actor's batch for `max_staleness` steps (at least one). A
+/// learner step takes one batch from each actor and each step publishes a
+/// version, so a batch appended behind more than that is read more than
+/// `max_staleness` versions later and dropped as stale: sampling it would
+/// be wasted work.
+fn lead(work: &ActorAssignment) -> u64 {
+    let actors = work.prompts.as_ref().map_or(1, |p| p.shard_count.max(1));
+    u64::from(actors) * u64::from(work.max_staleness.max(1))
 }

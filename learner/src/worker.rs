@@ -55,6 +55,10 @@ use crate::step::{StepReport, Trainer};
 const GROUP: &str = "learners";
 /// How long one queue read blocks before the loop looks around again.
 const READ_BLOCK: Duration = Duration::from_secs(1);
+/// Attempts at training one assignment before rank 0 fails the job.
+const TRAIN_ATTEMPTS: u32 = 3;
+/// Pause before the second attempt; it doubles for each one after.
+const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 
 /// A learner rank.
 pub struct Learner {
@@ -178,23 +182,77 @@ impl Learner {
                     })
                 };
                 let queue_uri = current.rollout_queue.map(|q| q.uri).unwrap_or_default();
-                let result = self
-                    .train(membership, &current.job_id, &work, &queue_uri, &cancel)
+                self.train_with_retries(membership, &current.job_id, &work, &queue_uri, &cancel)
                     .await;
                 watcher.abort();
-                match result {
-                    Ok(()) => tracing::info!(job_id = %current.job_id, "job done on this rank"),
-                    Err(e) if cancel.is_cancelled() => {
-                        tracing::info!(job_id = %current.job_id, reason = %e, "assignment ended")
-                    }
-                    Err(e) => {
-                        tracing::error!(job_id = %current.job_id, error = %e, "training failed")
-                    }
-                }
             }
             tokio::select! {
                 () = membership.lost.cancelled() => return,
                 changed = assigned.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    /// Trains an assignment; a failed attempt (a peer that died, the store
+    /// or the coordinator away) is retried from the last checkpoint with
+    /// back-off. After [`TRAIN_ATTEMPTS`] failures rank 0 fails the job
+    /// with the error, so that it does not stay RUNNING with nobody
+    /// training it.
+    async fn train_with_retries(
+        &self,
+        membership: &Membership,
+        job_id: &str,
+        work: &LearnerAssignment,
+        queue_uri: &str,
+        cancel: &CancellationToken,
+    ) {
+        let mut backoff = RETRY_BACKOFF;
+        for attempt in 1..=TRAIN_ATTEMPTS {
+            let error = match self
+                .train(membership, job_id, work, queue_uri, cancel)
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(job_id, "job done on this rank");
+                    return;
+                }
+                Err(e) if cancel.is_cancelled() => {
+                    tracing::info!(job_id, reason = %e, "assignment ended");
+                    return;
+                }
+                Err(e) => e,
+            };
+            if attempt < TRAIN_ATTEMPTS {
+                tracing::warn!(job_id, attempt, error = %error, retry_in = ?backoff,
+                    "training failed; retrying from the last checkpoint");
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff *= 2;
+                continue;
+            }
+            tracing::error!(job_id, attempt, error = %error, "training failed; giving up");
+            if work.rank != 0 {
+                // Only rank 0 may end the job; it fails too once this rank
+                // is gone from the collective.
+                return;
+            }
+            let failed = self
+                .cluster()
+                .report_progress(ReportProgressRequest {
+                    member_id: membership.member_id.clone(),
+                    job_id: job_id.to_owned(),
+                    metrics: Vec::new(),
+                    stage_change: None,
+                    stop_reason: 0,
+                    failure_message: format!(
+                        "learner rank 0 failed {TRAIN_ATTEMPTS} times; last error: {error}"
+                    ),
+                })
+                .await;
+            if let Err(status) = failed {
+                tracing::error!(job_id, error = %status, "reporting the failure failed");
             }
         }
     }
@@ -501,7 +559,9 @@ impl Learner {
     ) -> Result<(), LearnerError> {
         let dir = self.config.work_dir.join(job_id);
         std::fs::create_dir_all(&dir).map_err(|e| LearnerError::io(&dir, e))?;
-        let path = dir.join(format!("v{version}.safetensors"));
+        // Its own name: an actor sharing the work directory keeps the
+        // versions it fetched there as `v<N>.safetensors`.
+        let path = dir.join(format!("publish-v{version}.safetensors"));
         let tensors: std::collections::HashMap<String, candle_core::Tensor> =
             policy.named_tensors().into_iter().collect();
         candle_core::safetensors::save(&tensors, &path)?;

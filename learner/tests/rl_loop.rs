@@ -188,12 +188,15 @@ enum Fault {
         after: u64,
         away: Duration,
     },
+    /// The job names a base checkpoint that does not exist: every attempt
+    /// at training fails.
+    MissingBase,
 }
 
 impl Fault {
     fn after(self) -> Option<u64> {
         match self {
-            Fault::None => None,
+            Fault::None | Fault::MissingBase => None,
             Fault::KillLearner { after }
             | Fault::KillActor { after }
             | Fault::RewardServerAway { after, .. } => Some(after),
@@ -214,6 +217,8 @@ struct Outcome {
     left_in_queue: u64,
     /// Score calls the actors saw fail with UNAVAILABLE.
     unavailable_score_calls: u64,
+    /// The message of the last state change.
+    failure: String,
 }
 
 /// A learner rank: a task in this process, or an `encore-learner` process.
@@ -393,7 +398,11 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
     let job_id = jobs
         .submit(SubmitJobRequest {
             idempotency_key: "rl-loop".into(),
-            spec: Some(spec(&base, shape)),
+            spec: Some(if fault == Fault::MissingBase {
+                spec(&dir.path().join("no-such-checkpoint"), shape)
+            } else {
+                spec(&base, shape)
+            }),
             validate_only: false,
         })
         .await
@@ -413,6 +422,7 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
     let mut points = Vec::new();
     let mut end = None;
     let mut injected = false;
+    let mut failure = String::new();
     let followed = tokio::time::timeout(PATIENCE, async {
         while let Some(event) = watch.next().await {
             match event.unwrap().event {
@@ -424,7 +434,7 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
                     }
                     injected = true;
                     match fault {
-                        Fault::None => {}
+                        Fault::None | Fault::MissingBase => {}
                         Fault::KillLearner { .. } => {
                             learners.remove(0).kill().await;
                             learners.insert(0, learner());
@@ -442,7 +452,10 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
                         }
                     }
                 }
-                Some(job_event::Event::StateChange(c)) => end = Some(c.state),
+                Some(job_event::Event::StateChange(c)) => {
+                    end = Some(c.state);
+                    failure = c.message;
+                }
                 _ => {}
             }
         }
@@ -504,6 +517,7 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
         produced,
         left_in_queue,
         unavailable_score_calls,
+        failure,
     }
 }
 
@@ -805,5 +819,35 @@ async fn a_reward_server_that_goes_away_stalls_the_job_and_loses_nothing() {
         last.rollouts_dropped_total,
         last.dropped_by_reason,
         outcome.left_in_queue
+    );
+}
+
+/// A learner that cannot train (here: the job's base checkpoint does not
+/// exist) retries from its last checkpoint a few times, then rank 0 fails
+/// the job with the cause instead of leaving it RUNNING with nobody
+/// training it.
+#[tokio::test]
+async fn a_learner_that_cannot_train_fails_the_job_with_the_cause() {
+    let outcome = run_job(
+        Shape {
+            actors: 1,
+            ranks: 1,
+            steps: 4,
+            batch: 8,
+            k: 2,
+            frames: 16,
+            learning_rate: 1e-3,
+            trained: false,
+        },
+        Fault::MissingBase,
+    )
+    .await;
+    assert_eq!(outcome.end, Some(JobState::Failed as i32));
+    assert!(outcome.points.is_empty());
+    assert!(
+        outcome.failure.contains("failed 3 times")
+            && outcome.failure.contains("no-such-checkpoint"),
+        "{}",
+        outcome.failure
     );
 }

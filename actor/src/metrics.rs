@@ -10,6 +10,8 @@
 //! | `encore_actor_reward_call_seconds{model,code}` | histogram | Score call latency by model and outcome |
 //! | `encore_actor_version_lag_versions{job}` | gauge | latest published version minus the one sampled from |
 //! | `encore_actor_queue_full_waits_total{job}` | counter | appends that found the queue full and waited |
+//! | `encore_actor_weight_fetch_seconds{job}` | histogram | time to fetch one weight version (resumable, sha256-checked) |
+//! | `encore_actor_weight_fetch_bytes_total{job}` | counter | bytes of weights fetched |
 //! | `encore_actor_ahead_waits_total{job}` | counter | looks at the queue that found the learners far enough behind that a new batch would go stale, so the actor waited |
 
 use std::time::Duration;
@@ -38,6 +40,10 @@ pub struct Metrics {
     pub queue_full_waits: IntCounterVec,
     /// Waits for the learners to catch up.
     pub ahead_waits: IntCounterVec,
+    /// Weight fetch time.
+    pub weight_fetch_seconds: HistogramVec,
+    /// Weight bytes fetched.
+    pub weight_fetch_bytes: IntCounterVec,
 }
 
 impl Metrics {
@@ -71,6 +77,16 @@ impl Metrics {
             queue_full_waits: m.counter_vec(
                 "queue_full_waits_total",
                 "Appends that found the rollout queue full and waited.",
+                job,
+            )?,
+            weight_fetch_seconds: m.latency_histogram_vec(
+                "weight_fetch_seconds",
+                "Time to fetch one weight version (resumable, sha256-checked).",
+                job,
+            )?,
+            weight_fetch_bytes: m.counter_vec(
+                "weight_fetch_bytes_total",
+                "Bytes of weights fetched.",
                 job,
             )?,
             ahead_waits: m.counter_vec(

@@ -477,11 +477,20 @@ impl Actor {
             .map_err(|e| Error::Weights(format!("{}: {e}", dir.display())))?;
         let dest: PathBuf = dir.join(format!("v{version}.safetensors"));
         let mut client = self.weights();
+        let started = Instant::now();
         let fetched = tokio::select! {
             () = cancel.cancelled() => return Err(Error::ShuttingDown),
             fetched = fetch_to_file(&mut client, job_id, Some(version), &dest, 8) => fetched,
         }
         .map_err(|e| Error::Weights(e.to_string()))?;
+        self.metrics
+            .weight_fetch_seconds
+            .with_label_values(&[job_id])
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .weight_fetch_bytes
+            .with_label_values(&[job_id])
+            .inc_by(fetched.total_size_bytes);
         let (config, device, path) = (
             fetched.model_config_json.clone(),
             self.device.clone(),
@@ -492,12 +501,17 @@ impl Actor {
         })
         .await
         .map_err(|e| Error::Weights(format!("loading task failed: {e}")))??;
-        // Older versions are not needed any more.
+        // Older versions are not needed any more (only this actor's own
+        // `v<N>.safetensors`: a learner may share the directory).
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for entry in entries.flatten() {
-                if entry.path() != dest
-                    && entry.path().extension().is_some_and(|e| e == "safetensors")
-                {
+                let name = entry.file_name();
+                let fetched_version = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix('v'))
+                    .and_then(|n| n.strip_suffix(".safetensors"))
+                    .is_some_and(|n| n.parse::<u64>().is_ok());
+                if entry.path() != dest && fetched_version {
                     let _ = std::fs::remove_file(entry.path());
                 }
             }

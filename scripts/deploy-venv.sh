@@ -3,7 +3,7 @@
 # of scripts/deploy-requirements.txt (reinstalled only when that file
 # changes) and the Python stubs generated from proto/encore/v1/*.proto in
 # its gen/ (regenerated when a .proto changes), and prints its python. Used
-# by deploy-check.sh, observe-check.sh and encore-job.sh; everything goes
+# by deploy-check.sh and observe-check.sh; everything goes
 # under target/deploy-venv.
 set -euo pipefail
 

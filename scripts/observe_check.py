@@ -14,7 +14,7 @@ operator would; scripts/observe-check.sh builds what it needs and runs it.
    shipped relabelling has to pick each process's admin port by itself.
 4. A job: the shipped example spec is validated by the coordinator, then a
    tiny version of it (two stages, R then U) is submitted with
-   scripts/encore_job.py and runs to its end while Prometheus scrapes twice
+   `encore job submit` and runs to its end while Prometheus scrapes twice
    a second; the job client's watch must replay every step.
 5. Checks: every process's /metrics passes `promtool check metrics`; every
    metric name in the dashboard's queries is exported by some process;
@@ -491,16 +491,15 @@ def main():
             stage.stop.max_steps = args.steps
         # Submitted with the job client docs/deploy.md shows.
         (work / "job.json").write_text(json_format.MessageToJson(spec))
-        client = [sys.executable, str(REPO / "scripts/encore_job.py"), "--gen", args.gen,
-                  "--target", grpc_addr, "--timeout-s", str(args.timeout_s)]
+        client = [str(bin_dir / "encore"), "job", "--coordinator", f"http://{grpc_addr}"]
         client_env = {**os.environ, "ENCORE_TOKEN": client_token}
         submitted = time.time()
         out = subprocess.run(client + ["submit", str(work / "job.json"), "--key", "observe"],
                              env=client_env, capture_output=True, text=True, timeout=60)
         if out.returncode != 0:
-            fail(f"encore_job.py submit:\n{out.stdout}{out.stderr}")
+            fail(f"encore job submit:\n{out.stdout}{out.stderr}")
         job = job_pb2.Job(job_id=out.stdout.split()[0])
-        log(f"submitted {job.job_id} with scripts/encore_job.py: stages {[s.name for s in spec.stages]}, "
+        log(f"submitted {job.job_id} with `encore job submit`: stages {[s.name for s in spec.stages]}, "
             f"{args.steps} steps each")
 
         points = []
@@ -542,14 +541,14 @@ def main():
                 last[(p.stage, model)] = stats.mean
         log(f"job {job.job_id} SUCCEEDED after {len(points)} steps; last reward means "
             + ", ".join(f"{s}/{m} {v:.4f}" for (s, m), v in sorted(last.items())))
-        out = subprocess.run(client + ["watch", job.job_id, "--after", "0"],
+        out = subprocess.run(client + ["watch", job.job_id],
                              env=client_env, capture_output=True, text=True, timeout=60)
         (work / "watch.txt").write_text(out.stdout + out.stderr)
-        steps_shown = len(re.findall(r"^ *\d+  step \d+ \[", out.stdout, re.M))
-        if out.returncode != 0 or steps_shown != len(points) or "-> SUCCEEDED" not in out.stdout:
-            fail(f"encore_job.py watch (exit {out.returncode}, {steps_shown} steps shown):\n"
+        steps_shown = len(re.findall(r"^step +\d+ \[", out.stdout, re.M))
+        if out.returncode != 0 or steps_shown != len(points) or "state SUCCEEDED" not in out.stdout:
+            fail(f"encore job watch (exit {out.returncode}, {steps_shown} steps shown):\n"
                  f"{out.stdout}{out.stderr}")
-        log(f"encore_job.py watch --after 0 replays the {steps_shown} steps and the end")
+        log(f"`encore job watch` replays the {steps_shown} steps and the end")
         # The last step's gauges have been scraped once a scrape has started
         # after the job ended.
         end = time.time()

@@ -1,6 +1,6 @@
 //! The `encore` command line: pretrain the base policy, sample clips to WAV,
-//! check prompt following, and benchmark throughput. Later issues add the
-//! job client, reward-model training and the one-machine quick start.
+//! check prompt following, benchmark throughput, train reward models, and
+//! run jobs on a coordinator (`encore job`).
 //!
 //! Commands that have a configuration read it through `encore-config`:
 //! defaults < `--config FILE` section < `ENCORE_<SECTION>__<KEY>` < flags.
@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod evaluate;
+mod job;
 mod pretrain;
 mod reward;
 mod sample;
@@ -43,6 +44,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Reward models: simulated-rater datasets, training, serving.
     Reward(reward::RewardArgs),
+    /// Training jobs on a coordinator: submit, list, get, cancel, watch.
+    Job(job::JobArgs),
 }
 
 /// Runs a parsed command line.
@@ -54,6 +57,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Evaluate(args) => evaluate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Reward(args) => reward::run(config, args),
+        Command::Job(args) => job::run(args),
     }
 }
 

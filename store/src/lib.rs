@@ -56,7 +56,8 @@ pub use redis_backend::{RedisConfig, RedisStore};
 pub use subscribe::{EventStream, subscribe};
 pub use types::{
     AppendOutcome, CreateOutcome, DEFAULT_PAGE_SIZE, EntryId, IdempotencyKey, JobPage,
-    MAX_PAGE_SIZE, ManifestPut, Member, MemberRecord, QueueEntry, Registration, StoredJob,
+    MAX_PAGE_SIZE, ManifestPut, Member, MemberRecord, QueueEntry, RecordPut, Registration,
+    StoredJob,
 };
 
 /// The state of an Encore cluster. Object safe: processes hold an
@@ -306,6 +307,24 @@ pub trait Store: Send + Sync + Debug {
     /// Entries delivered to `group` and not yet acknowledged (0 for a group
     /// that does not exist yet).
     async fn queue_pending(&self, job_id: &str, group: &str) -> Result<u64>;
+
+    // ----- Preference records (what listeners submit) and served clips -----
+
+    /// Stores a preference record (an opaque payload) under the next
+    /// sequence number, unless `(rater, key)` was stored before: a retried
+    /// submission changes nothing and gets the first one's sequence back.
+    async fn put_preference(&self, rater: &str, key: &str, payload: Vec<u8>) -> Result<RecordPut>;
+
+    /// Preference records with a sequence above `after`, oldest first, at
+    /// most `limit`.
+    async fn list_preferences(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>>;
+
+    /// Keeps a clip served for comparison for `ttl`, so that a submission
+    /// can name it; a later put of the same id replaces it.
+    async fn put_clip(&self, clip_id: &str, payload: Vec<u8>, ttl: Duration) -> Result<()>;
+
+    /// A clip put before and not yet expired.
+    async fn get_clip(&self, clip_id: &str) -> Result<Option<Vec<u8>>>;
 }
 
 /// Opens the store a URI names: `redis://host:port/db` (or `rediss://`) for

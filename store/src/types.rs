@@ -213,6 +213,17 @@ pub enum AppendOutcome {
     },
 }
 
+/// Outcome of [`put_preference`](crate::Store::put_preference).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum RecordPut {
+    /// Stored under this sequence number.
+    Stored(u64),
+    /// The same rater and key were stored before, under this sequence
+    /// number; nothing changed.
+    Duplicate(u64),
+}
+
 /// Clamps a requested page size to `1..=MAX_PAGE_SIZE`, 0 meaning the
 /// default, as the protocol's `Page` does.
 pub(crate) fn effective_page_size(requested: usize) -> usize {

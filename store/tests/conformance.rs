@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use encore_proto::v1::{JobState, MemberStatus, Role, job_event};
 use encore_store::{
-    AppendOutcome, CreateOutcome, EntryId, ManifestPut, QueueEntry, Registration, Store,
+    AppendOutcome, CreateOutcome, EntryId, ManifestPut, QueueEntry, RecordPut, Registration, Store,
     StoreError, subscribe,
 };
 use support::{Harness, job, key, manifest, member, metric, state_change, state_of};
@@ -58,6 +58,8 @@ conformance!(
     a_blocked_reader_does_not_stall_other_calls,
     a_restart_loses_no_unacked_entry,
     concurrent_appends_lose_nothing,
+    preference_records_are_idempotent_ordered_and_durable,
+    clips_expire_on_the_store_clock,
 );
 
 const OWNER: &str = "alice";
@@ -1236,4 +1238,84 @@ async fn concurrent_appends_lose_nothing(h: Harness) {
     assert_eq!(payloads, (0..TASKS * EACH).map(payload).collect());
     let delivered_ids: BTreeSet<EntryId> = delivered.iter().map(|e| e.id).collect();
     assert_eq!(delivered_ids, ids);
+}
+
+async fn preference_records_are_idempotent_ordered_and_durable(mut h: Harness) {
+    {
+        let store = h.store();
+        assert_eq!(
+            store.put_preference("r1", "k1", payload(1)).await.unwrap(),
+            RecordPut::Stored(1)
+        );
+        assert_eq!(
+            store.put_preference("r2", "k1", payload(2)).await.unwrap(),
+            RecordPut::Stored(2),
+            "the key is per rater"
+        );
+        // A retried submission: the first one's sequence, nothing stored.
+        assert_eq!(
+            store.put_preference("r1", "k1", payload(9)).await.unwrap(),
+            RecordPut::Duplicate(1)
+        );
+        // Fields cannot be confused by a separator in them.
+        assert_eq!(
+            store.put_preference("r1:k", "1", payload(3)).await.unwrap(),
+            RecordPut::Stored(3)
+        );
+        for (field, result) in [
+            ("rater", store.put_preference("", "k", payload(0)).await),
+            ("key", store.put_preference("r", "", payload(0)).await),
+        ] {
+            assert!(
+                matches!(result, Err(StoreError::InvalidArgument { field: f, .. }) if f == field),
+                "{field}"
+            );
+        }
+    }
+    h.reopen().await;
+    let store = h.store();
+    let all = store.list_preferences(0, 100).await.unwrap();
+    assert_eq!(
+        all,
+        vec![(1, payload(1)), (2, payload(2)), (3, payload(3))],
+        "in order, survived the restart"
+    );
+    assert_eq!(
+        store.list_preferences(1, 1).await.unwrap(),
+        vec![(2, payload(2))]
+    );
+    assert!(store.list_preferences(3, 10).await.unwrap().is_empty());
+    assert_eq!(
+        store.put_preference("r1", "k1", payload(9)).await.unwrap(),
+        RecordPut::Duplicate(1),
+        "keys survive a restart too"
+    );
+    assert_eq!(
+        store.put_preference("r1", "k2", payload(4)).await.unwrap(),
+        RecordPut::Stored(4)
+    );
+}
+
+async fn clips_expire_on_the_store_clock(h: Harness) {
+    let store = h.store();
+    store
+        .put_clip("c1", payload(1), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(store.get_clip("c1").await.unwrap(), Some(payload(1)));
+    assert_eq!(store.get_clip("c2").await.unwrap(), None);
+    h.clock.advance(Duration::from_secs(59));
+    assert_eq!(store.get_clip("c1").await.unwrap(), Some(payload(1)));
+    h.clock.advance(Duration::from_secs(2));
+    assert_eq!(store.get_clip("c1").await.unwrap(), None, "expired");
+    // Put again: a fresh lease on life.
+    store
+        .put_clip("c1", payload(2), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(store.get_clip("c1").await.unwrap(), Some(payload(2)));
+    assert!(matches!(
+        store.put_clip("", payload(0), LONG).await,
+        Err(StoreError::InvalidArgument { .. })
+    ));
 }

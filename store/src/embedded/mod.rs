@@ -37,8 +37,8 @@ use tokio::time::Instant;
 pub use self::log::Durability;
 use self::log::{Ack, LogWriter};
 use self::records::{
-    Batch, EventRow, ManifestKey, ManifestRow, MemberKey, Op, PinRow, QueueAckRow, QueueRow,
-    op::Kind,
+    Batch, ClipRow, EventRow, ManifestKey, ManifestRow, MemberKey, Op, PinRow, PreferenceRow,
+    QueueAckRow, QueueRow, op::Kind,
 };
 use self::state::{Delivery, JobEntry, MemberEntry, State};
 use crate::Store;
@@ -46,8 +46,8 @@ use crate::clock::{Clock, from_millis, millis};
 use crate::error::{Result, StoreError};
 use crate::types::{
     AppendOutcome, CreateOutcome, EntryId, IdempotencyKey, JobPage, ManifestPut, Member,
-    MemberRecord, QueueEntry, Registration, StoredJob, decode_page_token, effective_page_size,
-    encode_page_token, state_matches,
+    MemberRecord, QueueEntry, RecordPut, Registration, StoredJob, decode_page_token,
+    effective_page_size, encode_page_token, state_matches,
 };
 use crate::validate::{
     STORABLE_STATES, check_member_identity, check_same_manifest, check_transition, is_active,
@@ -1003,6 +1003,63 @@ impl Store for EmbeddedStore {
                 .get(job_id)
                 .and_then(|q| q.groups.get(group))
                 .map_or(0, |g| g.pending.len() as u64))
+        })
+    }
+
+    async fn put_preference(&self, rater: &str, key: &str, payload: Vec<u8>) -> Result<RecordPut> {
+        require_non_empty("rater", rater)?;
+        require_non_empty("key", key)?;
+        self.commit(|state, _| {
+            if let Some(&seq) = state
+                .preference_keys
+                .get(&(rater.to_owned(), key.to_owned()))
+            {
+                return Ok((RecordPut::Duplicate(seq), Vec::new()));
+            }
+            let seq = state.next_preference_seq();
+            let row = PreferenceRow {
+                seq,
+                rater: rater.to_owned(),
+                key: key.to_owned(),
+                payload,
+            };
+            Ok((RecordPut::Stored(seq), vec![op(Kind::PutPreference(row))]))
+        })
+        .await
+    }
+
+    async fn list_preferences(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.read(|state| {
+            Ok(state
+                .preferences
+                .range((Bound::Excluded(after), Bound::Unbounded))
+                .take(limit)
+                .map(|(seq, row)| (*seq, row.payload.clone()))
+                .collect())
+        })
+    }
+
+    async fn put_clip(&self, clip_id: &str, payload: Vec<u8>, ttl: Duration) -> Result<()> {
+        require_non_empty("clip_id", clip_id)?;
+        self.commit(|_, now_ms| {
+            let row = ClipRow {
+                clip_id: clip_id.to_owned(),
+                payload,
+                expires_ms: now_ms.saturating_add(ttl_millis(ttl)),
+            };
+            Ok(((), vec![op(Kind::PutClip(row))]))
+        })
+        .await
+    }
+
+    async fn get_clip(&self, clip_id: &str) -> Result<Option<Vec<u8>>> {
+        let now_ms = millis(self.clock.now());
+        self.read(|state| {
+            Ok(state
+                .clips
+                .get(clip_id)
+                .filter(|(_, expires_ms)| *expires_ms > now_ms)
+                .map(|(payload, _)| payload.clone()))
         })
     }
 }

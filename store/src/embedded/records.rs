@@ -31,7 +31,7 @@ pub(crate) struct Batch {
 pub(crate) struct Op {
     /// Which change; an op of an unknown kind fails recovery (it was written
     /// by a newer version).
-    #[prost(oneof = "op::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12")]
+    #[prost(oneof = "op::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14")]
     pub kind: Option<op::Kind>,
 }
 
@@ -78,6 +78,12 @@ pub(crate) mod op {
         /// after every entry was acknowledged).
         #[prost(message, tag = "12")]
         QueueLastId(super::QueueRow),
+        /// A preference record was stored.
+        #[prost(message, tag = "13")]
+        PutPreference(super::PreferenceRow),
+        /// A clip was kept for comparison.
+        #[prost(message, tag = "14")]
+        PutClip(super::ClipRow),
     }
 }
 
@@ -209,4 +215,35 @@ pub(crate) struct QueueAckRow {
     /// Entry ids, sequence parts (same length as `id_ms`).
     #[prost(uint64, repeated, tag = "3")]
     pub id_seq: Vec<u64>,
+}
+
+/// A stored preference record.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct PreferenceRow {
+    /// Its sequence number.
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    /// Who submitted it.
+    #[prost(string, tag = "2")]
+    pub rater: String,
+    /// The submission's client key.
+    #[prost(string, tag = "3")]
+    pub key: String,
+    /// The record.
+    #[prost(bytes = "vec", tag = "4")]
+    pub payload: Vec<u8>,
+}
+
+/// A clip kept for comparison until `expires_ms`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct ClipRow {
+    /// The clip's id.
+    #[prost(string, tag = "1")]
+    pub clip_id: String,
+    /// The clip.
+    #[prost(bytes = "vec", tag = "2")]
+    pub payload: Vec<u8>,
+    /// When it is forgotten, in ms since the epoch.
+    #[prost(uint64, tag = "3")]
+    pub expires_ms: u64,
 }

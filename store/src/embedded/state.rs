@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use encore_proto::v1::{Job, JobEvent, MemberStatus, WeightManifest, job_event};
 
 use super::records::{
-    Batch, EventRow, JobRow, ManifestKey, ManifestRow, MemberKey, MemberRow, Op, PinRow,
-    QueueAckRow, QueueRow, op::Kind,
+    Batch, ClipRow, EventRow, JobRow, ManifestKey, ManifestRow, MemberKey, MemberRow, Op, PinRow,
+    PreferenceRow, QueueAckRow, QueueRow, op::Kind,
 };
 use crate::types::{EntryId, Member};
 
@@ -132,6 +132,12 @@ pub(crate) struct State {
     pub instances: HashMap<String, String>,
     pub manifests: HashMap<String, Manifests>,
     pub queues: HashMap<String, Queue>,
+    /// Sequence -> preference record.
+    pub preferences: BTreeMap<u64, PreferenceRow>,
+    /// (rater, key) -> sequence.
+    pub preference_keys: HashMap<(String, String), u64>,
+    /// Clip id -> the clip and when it expires (ms).
+    pub clips: HashMap<String, (Vec<u8>, u64)>,
 }
 
 impl State {
@@ -280,7 +286,24 @@ impl State {
                     seq: id_seq,
                 });
             }
+            Kind::PutPreference(row) => {
+                self.preference_keys
+                    .insert((row.rater.clone(), row.key.clone()), row.seq);
+                self.preferences.insert(row.seq, row);
+            }
+            Kind::PutClip(ClipRow {
+                clip_id,
+                payload,
+                expires_ms,
+            }) => {
+                self.clips.insert(clip_id, (payload, expires_ms));
+            }
         }
+    }
+
+    /// The sequence the next preference record gets.
+    pub fn next_preference_seq(&self) -> u64 {
+        self.preferences.keys().next_back().map_or(1, |s| s + 1)
     }
 
     /// The durable state as a snapshot batch (pins that lapsed by `now_ms`
@@ -354,6 +377,21 @@ impl State {
                 id_seq: queue.last_id.seq,
                 payload: Vec::new(),
             }));
+        }
+        for row in self.preferences.values() {
+            push(Kind::PutPreference(row.clone()));
+        }
+        let mut clip_ids: Vec<&String> = self.clips.keys().collect();
+        clip_ids.sort();
+        for clip_id in clip_ids {
+            let (payload, expires_ms) = &self.clips[clip_id];
+            if *expires_ms > now_ms {
+                push(Kind::PutClip(ClipRow {
+                    clip_id: clip_id.clone(),
+                    payload: payload.clone(),
+                    expires_ms: *expires_ms,
+                }));
+            }
         }
         Batch { lsn, ops }
     }

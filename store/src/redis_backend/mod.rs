@@ -38,8 +38,8 @@ use crate::clock::{Clock, deadline_millis, from_millis, millis};
 use crate::error::{Result, StoreError};
 use crate::types::{
     AppendOutcome, CreateOutcome, EntryId, IdempotencyKey, JobPage, ManifestPut, Member,
-    MemberRecord, QueueEntry, Registration, StoredJob, decode_page_token, effective_page_size,
-    encode_page_token, state_matches,
+    MemberRecord, QueueEntry, RecordPut, Registration, StoredJob, decode_page_token,
+    effective_page_size, encode_page_token, state_matches,
 };
 use crate::validate::{
     STORABLE_STATES, check_same_manifest, check_transition, is_active, manifest_identity,
@@ -173,6 +173,18 @@ impl Keys {
     }
     fn queue(&self, job_id: &str) -> String {
         self.key("queue", job_id)
+    }
+    fn preference_keys(&self) -> String {
+        self.global("preference_keys")
+    }
+    fn preferences(&self) -> String {
+        self.global("preferences")
+    }
+    fn preference_seq(&self) -> String {
+        self.global("preference_seq")
+    }
+    fn clip(&self, clip_id: &str) -> String {
+        self.key("clip", clip_id)
     }
 }
 
@@ -1312,5 +1324,87 @@ impl Store for RedisStore {
             Err(err) if is_code(&err, "NOGROUP") => Ok(0),
             Err(err) => Err(err.into()),
         }
+    }
+
+    async fn put_preference(&self, rater: &str, key: &str, payload: Vec<u8>) -> Result<RecordPut> {
+        require_non_empty("rater", rater)?;
+        require_non_empty("key", key)?;
+        let mut call = self.scripts.put_preference.prepare_invoke();
+        call.key(self.keys.preference_keys())
+            .key(self.keys.preferences())
+            .key(self.keys.preference_seq())
+            .arg(idempotency_field(rater, key))
+            .arg(payload);
+        let reply: Vec<Value> = call.invoke_async(&mut self.conn()).await?;
+        let what = self.keys.preferences();
+        let seq = u64_at(&reply, 1, &what)?;
+        match reply.first().and_then(u64_of) {
+            Some(1) => Ok(RecordPut::Stored(seq)),
+            Some(0) => Ok(RecordPut::Duplicate(seq)),
+            _ => Err(StoreError::decode(&what, "unexpected PUT_PREFERENCE reply")),
+        }
+    }
+
+    async fn list_preferences(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
+        // Sequences are dense (1, 2, 3...), so the next `limit` are known.
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let last: Option<u64> = self
+            .query(redis::cmd("GET").arg(self.keys.preference_seq()))
+            .await?;
+        let last = last.unwrap_or(0);
+        let seqs: Vec<u64> = (after.saturating_add(1)..=last).take(limit).collect();
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let payloads: Vec<Option<Vec<u8>>> = self
+            .query(redis::cmd("HMGET").arg(self.keys.preferences()).arg(&seqs))
+            .await?;
+        Ok(seqs
+            .into_iter()
+            .zip(payloads)
+            .filter_map(|(seq, payload)| payload.map(|p| (seq, p)))
+            .collect())
+    }
+
+    async fn put_clip(&self, clip_id: &str, payload: Vec<u8>, ttl: Duration) -> Result<()> {
+        require_non_empty("clip_id", clip_id)?;
+        // The expiry is the store clock's (as pins'), so a clip expires at
+        // the same moment on both backends; Redis forgets it a minute
+        // later on its own clock.
+        let expires = deadline_millis(self.clock.now(), ttl);
+        let key = self.keys.clip(clip_id);
+        let keep_ms = ttl_millis(ttl).saturating_add(60_000);
+        let _: () = redis::pipe()
+            .atomic()
+            .cmd("HSET")
+            .arg(&key)
+            .arg("payload")
+            .arg(payload)
+            .arg("expires_ms")
+            .arg(expires)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(keep_ms)
+            .ignore()
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn get_clip(&self, clip_id: &str) -> Result<Option<Vec<u8>>> {
+        let key = self.keys.clip(clip_id);
+        let (payload, expires): (Option<Vec<u8>>, Option<u64>) = self
+            .query(
+                redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg("payload")
+                    .arg("expires_ms"),
+            )
+            .await?;
+        let now = millis(self.clock.now());
+        Ok(payload.filter(|_| expires.is_some_and(|e| e > now)))
     }
 }

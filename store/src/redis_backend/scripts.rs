@@ -335,6 +335,22 @@ end
 return n
 ";
 
+/// Stores a preference record unless its (rater, key) was stored before.
+///
+/// KEYS: 1 keys hash, 2 records hash, 3 sequence counter. ARGV: 1 (rater,
+/// key) field, 2 payload.
+/// Reply: {1, seq} stored | {0, seq} duplicate.
+const PUT_PREFERENCE: &str = r"
+local seen = redis.call('HGET', KEYS[1], ARGV[1])
+if seen then
+  return {0, tonumber(seen)}
+end
+local seq = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[1], ARGV[1], seq)
+redis.call('HSET', KEYS[2], seq, ARGV[2])
+return {1, seq}
+";
+
 /// The scripts, hashed once.
 pub(crate) struct Scripts {
     pub create_job: Script,
@@ -350,6 +366,7 @@ pub(crate) struct Scripts {
     pub pin: Script,
     pub queue_append: Script,
     pub queue_ack: Script,
+    pub put_preference: Script,
 }
 
 impl Scripts {
@@ -368,6 +385,7 @@ impl Scripts {
             pin: Script::new(PIN),
             queue_append: Script::new(QUEUE_APPEND),
             queue_ack: Script::new(QUEUE_ACK),
+            put_preference: Script::new(PUT_PREFERENCE),
         }
     }
 }

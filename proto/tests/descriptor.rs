@@ -108,6 +108,17 @@ fn expected_services() -> BTreeMap<String, Vec<Method>> {
             ],
         ),
         (
+            "PreferenceService".to_owned(),
+            vec![
+                unary("GetPair", "GetPairRequest", "ClipPair"),
+                unary(
+                    "SubmitComparisons",
+                    "SubmitComparisonsRequest",
+                    "SubmitComparisonsResponse",
+                ),
+            ],
+        ),
+        (
             "RewardService".to_owned(),
             vec![
                 unary("Score", "ScoreRequest", "ScoreResponse"),
@@ -131,6 +142,7 @@ fn descriptor_set_holds_the_encore_files_and_their_imports() {
             "encore/v1/cluster.proto",
             "encore/v1/common.proto",
             "encore/v1/job.proto",
+            "encore/v1/preferences.proto",
             "encore/v1/reward.proto",
             "encore/v1/rollout.proto",
             "encore/v1/weights.proto",

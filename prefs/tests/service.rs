@@ -1,0 +1,320 @@
+//! The preference service over gRPC on loopback, on the embedded store:
+//! pairs are generated and kept, comparisons are stored once per rater and
+//! client key, and malformed submissions (unknown clip, missing choice,
+//! oversized prompt, a flood from one rater, one bad entry in a batch) are
+//! refused with the right status naming the field, changing nothing.
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use encore_model::{Preset, TrainablePolicy};
+use encore_prefs::{HostedPolicy, Limits, PreferenceServer, Preferences};
+use encore_proto::v1::preference_service_client::PreferenceServiceClient;
+use encore_proto::v1::preference_service_server::PreferenceServiceServer;
+use encore_proto::v1::{
+    Choice, ClipPair, Comparison, GetPairRequest, StoredComparison, SubmitComparisonsRequest,
+};
+use encore_store::{EmbeddedOptions, EmbeddedStore, Store, SystemClock};
+use prost::Message;
+use tonic::Code;
+use tonic::transport::{Channel, Server};
+use tonic_types::StatusExt;
+
+struct Fixture {
+    client: PreferenceServiceClient<Channel>,
+    service: Arc<Preferences>,
+    store: Arc<dyn Store>,
+    _dir: tempfile::TempDir,
+}
+
+async fn fixture(limits: Limits) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(
+        EmbeddedStore::open(
+            dir.path().join("store"),
+            EmbeddedOptions::default(),
+            Arc::new(SystemClock),
+        )
+        .unwrap(),
+    );
+    let policy = |seed| HostedPolicy {
+        name: format!("policy-{seed}"),
+        policy: Arc::new(
+            TrainablePolicy::fresh(&Preset::Tiny.config(), &Device::Cpu, seed)
+                .unwrap()
+                .frozen()
+                .unwrap(),
+        ),
+        version: seed,
+    };
+    let service = Arc::new(Preferences::new(
+        store.clone(),
+        vec![policy(1), policy(2)],
+        limits,
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::builder()
+        .add_service(PreferenceServiceServer::new(PreferenceServer(
+            service.clone(),
+        )))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    tokio::spawn(server);
+    let client = PreferenceServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    Fixture {
+        client,
+        service,
+        store,
+        _dir: dir,
+    }
+}
+
+fn small() -> Limits {
+    Limits {
+        clip_frames: 16,
+        ..Limits::default()
+    }
+}
+
+async fn pair(f: &mut Fixture, rater: &str) -> ClipPair {
+    f.client
+        .get_pair(GetPairRequest {
+            prompt: "a calm solo piano piece".into(),
+            rater_id: rater.into(),
+            ..GetPairRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn comparison(pair: &ClipPair, rater: &str, key: &str, choice: Choice) -> Comparison {
+    Comparison {
+        client_key: key.into(),
+        rater_id: rater.into(),
+        clip_a: pair.a.as_ref().unwrap().clip_id.clone(),
+        clip_b: pair.b.as_ref().unwrap().clip_id.clone(),
+        choice: choice as i32,
+        rating_a: 4,
+        rating_b: 0,
+    }
+}
+
+async fn stored(f: &Fixture) -> Vec<StoredComparison> {
+    f.store
+        .list_preferences(0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, bytes)| StoredComparison::decode(bytes.as_slice()).unwrap())
+        .collect()
+}
+
+fn field_of(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default()
+}
+
+fn reason_of(status: &tonic::Status) -> String {
+    status
+        .get_error_details()
+        .error_info()
+        .map(|i| i.reason.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_served_pair_is_compared_and_stored_once() {
+    let mut f = fixture(small()).await;
+    let p = pair(&mut f, "rater-1").await;
+    let (a, b) = (p.a.clone().unwrap(), p.b.clone().unwrap());
+    assert_eq!(p.prompt, "a calm solo piano piece");
+    assert_eq!((a.tokens.len(), b.tokens.len()), (16, 16));
+    assert_eq!(
+        (a.policy.as_str(), b.policy.as_str()),
+        ("policy-1", "policy-2")
+    );
+    assert_ne!(a.clip_id, b.clip_id);
+    assert_eq!(a.audio_path, format!("clips/{}.wav", a.clip_id));
+    let wav = f.service.clip_wav(&a.clip_id).await.unwrap();
+    assert_eq!(&wav[..4], b"RIFF");
+
+    let submit = |c: Comparison| SubmitComparisonsRequest {
+        comparisons: vec![c],
+    };
+    let first = f
+        .client
+        .submit_comparisons(submit(comparison(&p, "rater-1", "k1", Choice::A)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (first.results[0].record, first.results[0].stored),
+        (1, true)
+    );
+    // A retry (same rater and key) is recognised, not stored again.
+    let retry = f
+        .client
+        .submit_comparisons(submit(comparison(&p, "rater-1", "k1", Choice::A)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (retry.results[0].record, retry.results[0].stored),
+        (1, false)
+    );
+    let records = stored(&f).await;
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!(r.prompt, "a calm solo piano piece");
+    assert_eq!(
+        r.a.as_ref().unwrap().tokens,
+        a.tokens,
+        "the record holds the clips in full"
+    );
+    assert_eq!(r.b.as_ref().unwrap().policy_version, 2);
+    assert_eq!(
+        (r.choice, r.rating_a, r.rater_id.as_str()),
+        (Choice::A as i32, 4, "rater-1")
+    );
+    assert!(r.time.is_some());
+
+    // A suggested prompt when none is typed.
+    let suggested = f
+        .client
+        .get_pair(GetPairRequest {
+            rater_id: "rater-1".into(),
+            ..GetPairRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(f.service.suggestions().contains(&suggested.prompt));
+}
+
+#[tokio::test]
+async fn malformed_submissions_are_refused_naming_the_cause_and_change_nothing() {
+    let mut f = fixture(Limits {
+        comparisons_per_minute: 5,
+        ..small()
+    })
+    .await;
+    let p = pair(&mut f, "rater-1").await;
+    let other = pair(&mut f, "rater-1").await;
+    let submit = |comparisons: Vec<Comparison>| SubmitComparisonsRequest { comparisons };
+
+    // Unknown clip.
+    let mut unknown = comparison(&p, "rater-1", "k1", Choice::B);
+    unknown.clip_a = "c-never-served".into();
+    let err = f
+        .client
+        .submit_comparisons(submit(vec![unknown]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert_eq!(reason_of(&err), "UNKNOWN_CLIP");
+    assert!(
+        err.message().contains("comparisons[0].clip_a"),
+        "{}",
+        err.message()
+    );
+
+    // Missing choice, a rating out of range, a missing key: every field named.
+    let mut bad = comparison(&p, "rater-1", "", Choice::Unspecified);
+    bad.rating_b = 9;
+    let err = f
+        .client
+        .submit_comparisons(submit(vec![bad]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        field_of(&err),
+        [
+            "comparisons[0].client_key",
+            "comparisons[0].choice",
+            "comparisons[0].rating_b"
+        ]
+    );
+
+    // A pair made of clips generated for two different prompts.
+    let third = f
+        .client
+        .get_pair(GetPairRequest {
+            prompt: "fast energetic drums".into(),
+            rater_id: "rater-1".into(),
+            ..GetPairRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut mixed = comparison(&p, "rater-1", "k2", Choice::A);
+    mixed.clip_b = third.b.unwrap().clip_id;
+    let err = f
+        .client
+        .submit_comparisons(submit(vec![mixed]))
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(&err), ["comparisons[0].clip_b"]);
+
+    // One bad entry fails the whole batch: the good one is not stored.
+    let good = comparison(&other, "rater-1", "k3", Choice::A);
+    let mut no_rater = comparison(&other, "", "k4", Choice::A);
+    no_rater.rater_id.clear();
+    let err = f
+        .client
+        .submit_comparisons(submit(vec![good, no_rater]))
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(&err), ["comparisons[1].rater_id"]);
+
+    // An oversized prompt.
+    let err = f
+        .client
+        .get_pair(GetPairRequest {
+            prompt: "x".repeat(1001),
+            rater_id: "rater-1".into(),
+            ..GetPairRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(field_of(&err), ["prompt"]);
+    assert_eq!(reason_of(&err), "TOO_LARGE");
+
+    assert!(stored(&f).await.is_empty(), "nothing refused was stored");
+
+    // A flood from one rater: the first 5 a minute pass, then
+    // RESOURCE_EXHAUSTED with a RetryInfo; another rater is unaffected.
+    let flood: Vec<Comparison> = (0..5)
+        .map(|i| comparison(&p, "flooder", &format!("f{i}"), Choice::A))
+        .collect();
+    f.client.submit_comparisons(submit(flood)).await.unwrap();
+    let err = f
+        .client
+        .submit_comparisons(submit(vec![comparison(&p, "flooder", "f5", Choice::A)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(reason_of(&err), "RATE_LIMITED");
+    assert!(err.get_error_details().retry_info().is_some());
+    f.client
+        .submit_comparisons(submit(vec![comparison(
+            &p,
+            "someone-else",
+            "s1",
+            Choice::B,
+        )]))
+        .await
+        .unwrap();
+    assert_eq!(
+        stored(&f).await.len(),
+        6,
+        "5 from the flooder, 1 from the other rater"
+    );
+}

@@ -10,6 +10,9 @@
 //! `encore.v1.PreferenceService` ([`PreferenceServer`]) exposes both calls
 //! over gRPC; the HTTP page and API map onto the same two calls.
 
+pub mod http;
+pub mod server;
+
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

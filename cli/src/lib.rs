@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod evaluate;
 mod job;
+mod prefs;
 mod pretrain;
 mod reward;
 mod sample;
@@ -46,6 +47,8 @@ pub enum Command {
     Reward(reward::RewardArgs),
     /// Training jobs on a coordinator: submit, list, get, cancel, watch.
     Job(job::JobArgs),
+    /// Collected preferences: export them as a training dataset.
+    Prefs(prefs::PrefsArgs),
 }
 
 /// Runs a parsed command line.
@@ -58,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Reward(args) => reward::run(config, args),
         Command::Job(args) => job::run(args),
+        Command::Prefs(args) => prefs::run(args),
     }
 }
 

@@ -10,6 +10,7 @@
 //! `encore.v1.PreferenceService` ([`PreferenceServer`]) exposes both calls
 //! over gRPC; the HTTP page and API map onto the same two calls.
 
+pub mod export;
 pub mod http;
 pub mod server;
 
@@ -123,6 +124,9 @@ pub enum Error {
     /// Rendering audio failed.
     #[error("rendering audio: {0}")]
     Codec(#[from] encore_codec::CodecError),
+    /// Writing an export failed.
+    #[error("export: {0}")]
+    Export(String),
 }
 
 impl From<Error> for Status {
@@ -145,7 +149,9 @@ impl From<Error> for Status {
                 Some(retry_after),
             ),
             Error::Store(_) => Status::unavailable(message),
-            Error::Model(_) | Error::Decode(_) | Error::Codec(_) => Status::internal(message),
+            Error::Model(_) | Error::Decode(_) | Error::Codec(_) | Error::Export(_) => {
+                Status::internal(message)
+            }
         }
     }
 }

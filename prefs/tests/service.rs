@@ -318,3 +318,97 @@ async fn malformed_submissions_are_refused_naming_the_cause_and_change_nothing()
         "5 from the flooder, 1 from the other rater"
     );
 }
+
+/// Stored comparisons come out as the preference dataset `encore reward
+/// train preference` reads, and the filters pick what they say.
+#[tokio::test]
+async fn comparisons_export_as_preference_records_with_filters() {
+    use encore_prefs::export::{Filter, export};
+    use encore_raters::records::{Choice as RecordChoice, PreferenceRecord, Validate};
+
+    let mut f = fixture(small()).await;
+    let agreed = pair(&mut f, "r1").await;
+    let disputed = pair(&mut f, "r1").await;
+    let submit = |comparisons: Vec<Comparison>| SubmitComparisonsRequest { comparisons };
+    f.client
+        .submit_comparisons(submit(vec![
+            comparison(&agreed, "r1", "k1", Choice::A),
+            comparison(&agreed, "r2", "k1", Choice::A),
+            comparison(&disputed, "r1", "k2", Choice::A),
+            comparison(&disputed, "r2", "k2", Choice::Neither),
+        ]))
+        .await
+        .unwrap();
+
+    let run = |filter: Filter| {
+        let store = f.store.clone();
+        async move {
+            let mut out = Vec::new();
+            let exported = export(&*store, &filter, &mut out).await.unwrap();
+            let records: Vec<PreferenceRecord> = String::from_utf8(out)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(exported.written, records.len());
+            assert_eq!(exported.read, 4);
+            records
+        }
+    };
+    let all = run(Filter::default()).await;
+    assert_eq!(all.len(), 4);
+    for r in &all {
+        r.validate().unwrap();
+        assert_eq!(r.caption, "a calm solo piano piece");
+        assert_eq!(r.b.policy_version.as_deref(), Some("policy-2@2"));
+    }
+    assert_eq!(all[0].pair_id, all[1].pair_id, "two raters, one pair");
+    assert_eq!(all[3].choice, RecordChoice::Tie);
+
+    let agreeing = run(Filter {
+        min_agreement: 1.0,
+        ..Filter::default()
+    })
+    .await;
+    assert_eq!(agreeing.len(), 2, "the disputed pair is left out");
+    assert!(agreeing.iter().all(|r| r.pair_id == all[0].pair_id));
+    assert_eq!(
+        run(Filter {
+            policy_version: Some("policy-1@1".into()),
+            ..Filter::default()
+        })
+        .await
+        .len(),
+        4
+    );
+    assert!(
+        run(Filter {
+            policy_version: Some("7".into()),
+            ..Filter::default()
+        })
+        .await
+        .is_empty()
+    );
+    let future = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 60_000;
+    assert!(
+        run(Filter {
+            since_ms: Some(future),
+            ..Filter::default()
+        })
+        .await
+        .is_empty()
+    );
+    assert_eq!(
+        run(Filter {
+            until_ms: Some(future),
+            ..Filter::default()
+        })
+        .await
+        .len(),
+        4
+    );
+}

@@ -412,3 +412,70 @@ async fn comparisons_export_as_preference_records_with_filters() {
         4
     );
 }
+
+/// 200 clients on loopback submit comparisons at once, each also retrying
+/// one of its submissions: every comparison is stored exactly once, none
+/// is lost, and the retries are recognised. Prints submissions/s and the
+/// latency percentiles (a figure, not a bound: the machine is shared).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_clients_lose_and_duplicate_nothing() {
+    const CLIENTS: usize = 200;
+    const EACH: usize = 5;
+    let mut f = fixture(small()).await;
+    let mut pairs = Vec::new();
+    for _ in 0..10 {
+        pairs.push(pair(&mut f, "setup").await);
+    }
+    let pairs = Arc::new(pairs);
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (mut client, pairs) = (f.client.clone(), pairs.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let rater = format!("load-{c}");
+                for i in 0..=EACH {
+                    // The last call retries the first submission.
+                    let key = format!("k{}", i % EACH);
+                    let p = &pairs[(c + i) % pairs.len()];
+                    let t = std::time::Instant::now();
+                    let answer = client
+                        .submit_comparisons(SubmitComparisonsRequest {
+                            comparisons: vec![comparison(p, &rater, &key, Choice::B)],
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    latencies.push(t.elapsed());
+                    assert_eq!(answer.results[0].stored, i < EACH, "{rater} {key}");
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.unwrap());
+    }
+    let took = started.elapsed();
+    let records = stored(&f).await;
+    assert_eq!(
+        records.len(),
+        CLIENTS * EACH,
+        "every comparison stored once"
+    );
+    let distinct: std::collections::BTreeSet<(String, String)> = records
+        .iter()
+        .map(|r| (r.rater_id.clone(), r.client_key.clone()))
+        .collect();
+    assert_eq!(distinct.len(), CLIENTS * EACH, "no duplicates");
+    latencies.sort();
+    let pct = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    println!(
+        "{CLIENTS} clients, {} submissions (incl. {CLIENTS} retries) in {took:.2?}: {:.0} submissions/s, p50 {:.1?}, p99 {:.1?}",
+        latencies.len(),
+        latencies.len() as f64 / took.as_secs_f64(),
+        pct(0.5),
+        pct(0.99)
+    );
+}

@@ -129,6 +129,21 @@ pub enum Error {
     Export(String),
 }
 
+impl Error {
+    /// The gRPC code this error answers with.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::Invalid(_) => Code::InvalidArgument,
+            Error::UnknownClip { .. } => Code::NotFound,
+            Error::RateLimited { .. } => Code::ResourceExhausted,
+            Error::Store(_) => Code::Unavailable,
+            Error::Model(_) | Error::Decode(_) | Error::Codec(_) | Error::Export(_) => {
+                Code::Internal
+            }
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let message = err.to_string();
@@ -161,6 +176,7 @@ const SUGGESTIONS: usize = 64;
 
 /// The service: hosted policies, the store, the limits.
 pub struct Preferences {
+    metrics: Option<Metrics>,
     store: Arc<dyn Store>,
     policies: Vec<HostedPolicy>,
     limits: Limits,
@@ -194,6 +210,7 @@ impl Preferences {
     pub fn new(store: Arc<dyn Store>, policies: Vec<HostedPolicy>, limits: Limits) -> Self {
         let frames = limits.clip_frames.max(1);
         Self {
+            metrics: None,
             store,
             policies,
             pairs: DefaultKeyedRateLimiter::keyed(quota(limits.pairs_per_minute)),
@@ -205,6 +222,23 @@ impl Preferences {
                 .map(|e| e.caption)
                 .collect(),
             next_seed: AtomicU64::new(rand::random()),
+        }
+    }
+
+    /// Records the service's metrics on `registry` (see [`Metrics`]).
+    pub fn with_metrics(
+        mut self,
+        registry: &prometheus::Registry,
+    ) -> Result<Self, encore_telemetry::Error> {
+        self.metrics = Some(Metrics::new(registry)?);
+        Ok(self)
+    }
+
+    /// Counts a refusal by its gRPC code.
+    fn refused(&self, call: &str, err: &Error) {
+        if let Some(m) = &self.metrics {
+            let code = encore_proto::status::code_name(err.code());
+            m.refused.with_label_values(&[call, code]).inc();
         }
     }
 
@@ -260,6 +294,21 @@ impl Preferences {
 
     /// Two clips for the request's prompt, kept for the clip lifetime.
     pub async fn get_pair(&self, req: GetPairRequest) -> Result<ClipPair, Error> {
+        let started = std::time::Instant::now();
+        let answer = self.pair_inner(req).await;
+        match &answer {
+            Ok(_) => {
+                if let Some(m) = &self.metrics {
+                    m.pairs.inc();
+                    m.pair_seconds.observe(started.elapsed().as_secs_f64());
+                }
+            }
+            Err(e) => self.refused("GetPair", e),
+        }
+        answer
+    }
+
+    async fn pair_inner(&self, req: GetPairRequest) -> Result<ClipPair, Error> {
         let mut bad = Violations::default();
         self.check_id(&mut bad, "rater_id", &req.rater_id);
         if req.prompt.len() > self.limits.max_prompt_bytes {
@@ -428,6 +477,25 @@ impl Preferences {
         &self,
         req: SubmitComparisonsRequest,
     ) -> Result<SubmitComparisonsResponse, Error> {
+        let answer = self.submit_inner(req).await;
+        match &answer {
+            Ok(done) => {
+                if let Some(m) = &self.metrics {
+                    for r in &done.results {
+                        let outcome = if r.stored { "stored" } else { "duplicate" };
+                        m.comparisons.with_label_values(&[outcome]).inc();
+                    }
+                }
+            }
+            Err(e) => self.refused("SubmitComparisons", e),
+        }
+        answer
+    }
+
+    async fn submit_inner(
+        &self,
+        req: SubmitComparisonsRequest,
+    ) -> Result<SubmitComparisonsResponse, Error> {
         let mut bad = Violations::default();
         if req.comparisons.is_empty() {
             bad.invalid("comparisons", "at least one");
@@ -541,5 +609,46 @@ impl PreferenceService for PreferenceServer {
         request: Request<SubmitComparisonsRequest>,
     ) -> Result<Response<SubmitComparisonsResponse>, Status> {
         Ok(Response::new(self.0.submit(request.into_inner()).await?))
+    }
+}
+
+/// The service's Prometheus metrics, under `encore_prefs_*`:
+///
+/// | metric | type | what |
+/// | --- | --- | --- |
+/// | `encore_prefs_pairs_total` | counter | pairs served |
+/// | `encore_prefs_pair_seconds` | histogram | time to generate and keep a pair |
+/// | `encore_prefs_comparisons_total{state}` | counter | comparisons `stored`, or recognised as a `duplicate` retry |
+/// | `encore_prefs_refused_total{method,code}` | counter | calls refused, by gRPC code |
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pairs: prometheus::IntCounter,
+    pair_seconds: prometheus::Histogram,
+    comparisons: prometheus::IntCounterVec,
+    refused: prometheus::IntCounterVec,
+}
+
+impl Metrics {
+    fn new(registry: &prometheus::Registry) -> Result<Self, encore_telemetry::Error> {
+        use encore_telemetry::metrics::{LATENCY_BUCKETS_SECONDS, Label, Subsystem};
+        let m = Subsystem::new(registry, "prefs")?;
+        Ok(Self {
+            pairs: m.counter("pairs_total", "Pairs served.")?,
+            pair_seconds: m.histogram(
+                "pair_seconds",
+                "Time to generate and keep a pair.",
+                &LATENCY_BUCKETS_SECONDS,
+            )?,
+            comparisons: m.counter_vec(
+                "comparisons_total",
+                "Comparisons stored, or recognised as a duplicate retry.",
+                &[Label::State],
+            )?,
+            refused: m.counter_vec(
+                "refused_total",
+                "Calls refused, by gRPC code.",
+                &[Label::Method, Label::Code],
+            )?,
+        })
     }
 }

@@ -229,7 +229,11 @@ pub async fn serve(
         });
     }
     let store = encore_store::open(&config.store, Arc::new(SystemClock)).await?;
-    let service = Arc::new(Preferences::new(store, policies, config.limits()));
+    let service = Arc::new(
+        Preferences::new(store, policies, config.limits())
+            .with_metrics(&registry)
+            .map_err(|e| ServerError::Config(format!("metrics: {e}")))?,
+    );
 
     let readiness = Readiness::new();
     let (admin, admin_task) = serve_admin(

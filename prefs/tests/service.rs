@@ -22,6 +22,7 @@ use tonic_types::StatusExt;
 
 struct Fixture {
     client: PreferenceServiceClient<Channel>,
+    registry: prometheus::Registry,
     service: Arc<Preferences>,
     store: Arc<dyn Store>,
     _dir: tempfile::TempDir,
@@ -47,11 +48,12 @@ async fn fixture(limits: Limits) -> Fixture {
         ),
         version: seed,
     };
-    let service = Arc::new(Preferences::new(
-        store.clone(),
-        vec![policy(1), policy(2)],
-        limits,
-    ));
+    let registry = prometheus::Registry::new();
+    let service = Arc::new(
+        Preferences::new(store.clone(), vec![policy(1), policy(2)], limits)
+            .with_metrics(&registry)
+            .unwrap(),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = Server::builder()
@@ -65,6 +67,7 @@ async fn fixture(limits: Limits) -> Fixture {
         .unwrap();
     Fixture {
         client,
+        registry,
         service,
         store,
         _dir: dir,
@@ -316,6 +319,43 @@ async fn malformed_submissions_are_refused_naming_the_cause_and_change_nothing()
         stored(&f).await.len(),
         6,
         "5 from the flooder, 1 from the other rater"
+    );
+
+    // What the metrics saw.
+    let count = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        f.registry
+            .gather()
+            .iter()
+            .filter(|fam| fam.name() == name)
+            .flat_map(|fam| fam.get_metric().to_vec())
+            .filter(|m| {
+                labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == *k && l.value() == *v)
+                })
+            })
+            .map(|m| m.get_counter().get_value())
+            .sum()
+    };
+    assert_eq!(
+        count("encore_prefs_comparisons_total", &[("state", "stored")]),
+        6.0
+    );
+    assert_eq!(count("encore_prefs_pairs_total", &[]), 3.0);
+    let refused = |code| {
+        count(
+            "encore_prefs_refused_total",
+            &[("method", "SubmitComparisons"), ("code", code)],
+        )
+    };
+    assert_eq!(
+        (
+            refused("NOT_FOUND"),
+            refused("INVALID_ARGUMENT"),
+            refused("RESOURCE_EXHAUSTED")
+        ),
+        (1.0, 3.0, 1.0)
     );
 }
 

@@ -32,8 +32,10 @@ pub struct Config {
     pub device: String,
     /// Where fetched weights are kept.
     pub work_dir: PathBuf,
-    /// Most unacknowledged batches the rollout queue may hold before the
-    /// actor waits (backpressure).
+    /// Most batches the rollout queue may hold that the learners have not
+    /// read yet before the actor waits (backpressure). Batches read and
+    /// not yet acknowledged (they are acknowledged at checkpoints) do not
+    /// count.
     pub queue_max_batches: u64,
     /// Most batches the learners may have waiting unread before the actor
     /// holds back its next one. 0 (the default) derives it from the job:

@@ -366,7 +366,7 @@ impl Actor {
                 rollouts,
                 create_time: now,
             };
-            self.append(&*store, job_id, batch.encode_to_vec(), cancel)
+            self.append(&*store, job_id, group, batch.encode_to_vec(), cancel)
                 .await?;
             self.metrics.batches.with_label_values(&job_label).inc();
             batch_no += 1;
@@ -402,19 +402,26 @@ impl Actor {
     }
 
     /// Appends to the rollout queue, waiting while it is full.
+    ///
+    /// The bound counts the batches the learners have not read yet. Those
+    /// they have read stay in the queue until the checkpoint that covers
+    /// them (every `checkpoint_every_steps`), and counting them would
+    /// deadlock a job whose checkpoint interval holds more batches than the
+    /// bound: the actors would wait for an acknowledgement that only comes
+    /// after steps that need their batches.
     async fn append(
         &self,
         store: &dyn Store,
         job_id: &str,
+        group: &str,
         payload: Vec<u8>,
         cancel: &CancellationToken,
     ) -> Result<()> {
         let mut backoff = Duration::from_millis(20);
         loop {
-            match store
-                .queue_append(job_id, payload.clone(), self.config.queue_max_batches)
-                .await?
-            {
+            let read = store.queue_pending(job_id, group).await?;
+            let bound = self.config.queue_max_batches.saturating_add(read);
+            match store.queue_append(job_id, payload.clone(), bound).await? {
                 AppendOutcome::Appended(_) => return Ok(()),
                 AppendOutcome::Full { .. } => {
                     self.metrics

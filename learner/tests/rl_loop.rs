@@ -93,7 +93,7 @@ fn spec(base: &std::path::Path, shape: Shape) -> JobSpec {
             learner_ranks: shape.ranks,
             ..JobResources::default()
         }),
-        checkpoint_every_steps: 2,
+        checkpoint_every_steps: shape.checkpoint_every,
         ..JobSpec::default()
     }
 }
@@ -113,6 +113,10 @@ struct Shape {
     /// A pretrained base and a trained quality model, instead of fresh
     /// (untrained) ones.
     trained: bool,
+    /// The job's checkpoint interval, in steps.
+    checkpoint_every: u32,
+    /// The actors' bound on batches waiting unread.
+    queue_max_batches: u64,
 }
 
 /// Pretrains the tiny base policy into `base` and trains a small quality
@@ -363,6 +367,7 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
                 admin: SocketAddr::from(([127, 0, 0, 1], 0)),
                 work_dir: dir.path().join("actor"),
                 max_backoff_ms: 200,
+                queue_max_batches: shape.queue_max_batches,
                 ..encore_actor::Config::default()
             },
             registry,
@@ -540,6 +545,8 @@ async fn a_job_runs_through_actor_reward_server_and_learner() {
             frames: 16,
             learning_rate: 1e-3,
             trained: false,
+            checkpoint_every: 2,
+            queue_max_batches: 64,
         },
         Fault::None,
     )
@@ -603,6 +610,8 @@ async fn two_actors_feed_two_learner_ranks() {
             frames: 16,
             learning_rate: 3e-3,
             trained: false,
+            checkpoint_every: 2,
+            queue_max_batches: 64,
         },
         Fault::None,
     )
@@ -648,6 +657,8 @@ async fn a_killed_learner_resumes_from_its_checkpoint_and_nothing_is_lost() {
             frames: 16,
             learning_rate: 1e-3,
             trained: false,
+            checkpoint_every: 2,
+            queue_max_batches: 64,
         },
         Fault::KillLearner { after: 5 },
     )
@@ -693,6 +704,8 @@ async fn the_reward_rises_while_the_kl_stays_bounded() {
             frames: 48,
             learning_rate: 2e-3,
             trained: true,
+            checkpoint_every: 2,
+            queue_max_batches: 64,
         },
         Fault::None,
     )
@@ -763,6 +776,8 @@ async fn a_killed_actor_does_not_stop_the_job() {
             frames: 16,
             learning_rate: 1e-3,
             trained: false,
+            checkpoint_every: 2,
+            queue_max_batches: 64,
         },
         Fault::KillActor { after: 3 },
     )
@@ -790,6 +805,8 @@ async fn a_reward_server_that_goes_away_stalls_the_job_and_loses_nothing() {
             frames: 16,
             learning_rate: 1e-3,
             trained: false,
+            checkpoint_every: 2,
+            queue_max_batches: 64,
         },
         Fault::RewardServerAway {
             after: 3,
@@ -838,6 +855,8 @@ async fn a_learner_that_cannot_train_fails_the_job_with_the_cause() {
             frames: 16,
             learning_rate: 1e-3,
             trained: false,
+            checkpoint_every: 2,
+            queue_max_batches: 64,
         },
         Fault::MissingBase,
     )
@@ -850,4 +869,33 @@ async fn a_learner_that_cannot_train_fails_the_job_with_the_cause() {
         "{}",
         outcome.failure
     );
+}
+
+/// Batches the learner has read stay in the queue until the checkpoint that
+/// covers them. With a checkpoint interval holding more batches than the
+/// actors' queue bound (here 20 steps of 2 batches against a bound of 4),
+/// the bound must count only unread batches, or the actors wait for an
+/// acknowledgement that never comes and the job stalls.
+#[tokio::test]
+async fn a_checkpoint_interval_longer_than_the_queue_bound_does_not_stall() {
+    const STEPS_LONG: u64 = 12;
+    let outcome = run_job(
+        Shape {
+            actors: 2,
+            ranks: 1,
+            steps: STEPS_LONG,
+            batch: 8,
+            k: 2,
+            frames: 16,
+            learning_rate: 1e-3,
+            trained: false,
+            checkpoint_every: 20,
+            queue_max_batches: 4,
+        },
+        Fault::None,
+    )
+    .await;
+    assert_eq!(outcome.end, Some(JobState::Succeeded as i32));
+    let steps: Vec<u64> = outcome.points.iter().map(|p| p.step).collect();
+    assert_eq!(steps, (1..=STEPS_LONG).collect::<Vec<_>>());
 }

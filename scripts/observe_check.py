@@ -553,7 +553,7 @@ def main():
         # after the job ended.
         end = time.time()
         wait_for("a scrape after the job ended", lambda: all(
-            float(r["value"][0]) > end + 0.1 for r in prom.query('timestamp(up{job="encore"})')), 15, 0.25)
+            float(r["value"][1]) > end + 0.1 for r in prom.query('timestamp(up{job="encore"})')), 15, 0.25)
 
         # 5a. Every exposition, by promtool.
         exported = {}

@@ -31,7 +31,10 @@ pub(crate) struct Batch {
 pub(crate) struct Op {
     /// Which change; an op of an unknown kind fails recovery (it was written
     /// by a newer version).
-    #[prost(oneof = "op::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14")]
+    #[prost(
+        oneof = "op::Kind",
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
+    )]
     pub kind: Option<op::Kind>,
 }
 

@@ -119,6 +119,25 @@ struct Shape {
     queue_max_batches: u64,
 }
 
+impl Shape {
+    /// One actor, one rank, 8 clips of 16 frames a step, untrained models:
+    /// the tests override what they are about.
+    fn small(steps: u64) -> Shape {
+        Shape {
+            actors: 1,
+            ranks: 1,
+            steps,
+            batch: 8,
+            k: 2,
+            frames: 16,
+            learning_rate: 1e-3,
+            trained: false,
+            checkpoint_every: 2,
+            queue_max_batches: 64,
+        }
+    }
+}
+
 /// Pretrains the tiny base policy into `base` and trains a small quality
 /// model on simulated ratings: a reward with something to learn, and a
 /// policy whose clips it can tell apart.
@@ -535,22 +554,7 @@ async fn a_job_runs_through_actor_reward_server_and_learner() {
         dir,
         redis,
         ..
-    } = run_job(
-        Shape {
-            actors: 1,
-            ranks: 1,
-            steps: STEPS,
-            batch: 8,
-            k: 2,
-            frames: 16,
-            learning_rate: 1e-3,
-            trained: false,
-            checkpoint_every: 2,
-            queue_max_batches: 64,
-        },
-        Fault::None,
-    )
-    .await;
+    } = run_job(Shape::small(STEPS), Fault::None).await;
     assert_eq!(end, Some(JobState::Succeeded as i32));
     assert_eq!(
         points.iter().map(|p| p.step).collect::<Vec<_>>(),
@@ -604,14 +608,9 @@ async fn two_actors_feed_two_learner_ranks() {
         Shape {
             actors: 2,
             ranks: 2,
-            steps: STEPS_2X2,
             batch: 16,
-            k: 2,
-            frames: 16,
             learning_rate: 3e-3,
-            trained: false,
-            checkpoint_every: 2,
-            queue_max_batches: 64,
+            ..Shape::small(STEPS_2X2)
         },
         Fault::None,
     )
@@ -647,22 +646,7 @@ async fn two_actors_feed_two_learner_ranks() {
 #[tokio::test]
 async fn a_killed_learner_resumes_from_its_checkpoint_and_nothing_is_lost() {
     const STEPS_KILLED: u64 = 10;
-    let outcome = run_job(
-        Shape {
-            actors: 1,
-            ranks: 1,
-            steps: STEPS_KILLED,
-            batch: 8,
-            k: 2,
-            frames: 16,
-            learning_rate: 1e-3,
-            trained: false,
-            checkpoint_every: 2,
-            queue_max_batches: 64,
-        },
-        Fault::KillLearner { after: 5 },
-    )
-    .await;
+    let outcome = run_job(Shape::small(STEPS_KILLED), Fault::KillLearner { after: 5 }).await;
     assert_eq!(outcome.end, Some(JobState::Succeeded as i32));
     let steps: Vec<u64> = outcome.points.iter().map(|p| p.step).collect();
     assert_eq!(
@@ -698,14 +682,12 @@ async fn the_reward_rises_while_the_kl_stays_bounded() {
         Shape {
             actors: 2,
             ranks: 2,
-            steps: STEPS_TRAINED,
             batch: 32,
             k: 4,
             frames: 48,
             learning_rate: 2e-3,
             trained: true,
-            checkpoint_every: 2,
-            queue_max_batches: 64,
+            ..Shape::small(STEPS_TRAINED)
         },
         Fault::None,
     )
@@ -769,15 +751,7 @@ async fn a_killed_actor_does_not_stop_the_job() {
     let outcome = run_job(
         Shape {
             actors: 2,
-            ranks: 1,
-            steps: STEPS_ACTOR,
-            batch: 8,
-            k: 2,
-            frames: 16,
-            learning_rate: 1e-3,
-            trained: false,
-            checkpoint_every: 2,
-            queue_max_batches: 64,
+            ..Shape::small(STEPS_ACTOR)
         },
         Fault::KillActor { after: 3 },
     )
@@ -796,18 +770,7 @@ async fn a_killed_actor_does_not_stop_the_job() {
 async fn a_reward_server_that_goes_away_stalls_the_job_and_loses_nothing() {
     const STEPS_AWAY: u64 = 8;
     let outcome = run_job(
-        Shape {
-            actors: 1,
-            ranks: 1,
-            steps: STEPS_AWAY,
-            batch: 8,
-            k: 2,
-            frames: 16,
-            learning_rate: 1e-3,
-            trained: false,
-            checkpoint_every: 2,
-            queue_max_batches: 64,
-        },
+        Shape::small(STEPS_AWAY),
         Fault::RewardServerAway {
             after: 3,
             away: Duration::from_secs(2),
@@ -845,22 +808,7 @@ async fn a_reward_server_that_goes_away_stalls_the_job_and_loses_nothing() {
 /// training it.
 #[tokio::test]
 async fn a_learner_that_cannot_train_fails_the_job_with_the_cause() {
-    let outcome = run_job(
-        Shape {
-            actors: 1,
-            ranks: 1,
-            steps: 4,
-            batch: 8,
-            k: 2,
-            frames: 16,
-            learning_rate: 1e-3,
-            trained: false,
-            checkpoint_every: 2,
-            queue_max_batches: 64,
-        },
-        Fault::MissingBase,
-    )
-    .await;
+    let outcome = run_job(Shape::small(4), Fault::MissingBase).await;
     assert_eq!(outcome.end, Some(JobState::Failed as i32));
     assert!(outcome.points.is_empty());
     assert!(
@@ -882,15 +830,9 @@ async fn a_checkpoint_interval_longer_than_the_queue_bound_does_not_stall() {
     let outcome = run_job(
         Shape {
             actors: 2,
-            ranks: 1,
-            steps: STEPS_LONG,
-            batch: 8,
-            k: 2,
-            frames: 16,
-            learning_rate: 1e-3,
-            trained: false,
             checkpoint_every: 20,
             queue_max_batches: 4,
+            ..Shape::small(STEPS_LONG)
         },
         Fault::None,
     )

@@ -29,7 +29,7 @@ use encore_proto::v1::{
     ActorAssignment, Assignment, Capabilities, DeviceKind, GetManifestRequest, Resources, Role,
     Rollout, RolloutQueue, ScoreItem, ScoredBatch, WeightManifest, assignment,
 };
-use encore_store::{AppendOutcome, Store, SystemClock};
+use encore_store::{AppendOutcome, Queue};
 use prost::Message;
 use prost_types::Timestamp;
 use tokio::sync::watch;
@@ -234,7 +234,7 @@ impl Actor {
                 .as_ref()
                 .ok_or_else(|| Error::Config("the assignment has no prompt shard".into()))?,
         )?;
-        let store = encore_store::open(&queue.uri, Arc::new(SystemClock)).await?;
+        let store = encore_coordinator::queue::open_queue(&queue.uri, &self.coordinator).await?;
         let group = if queue.consumer_group.is_empty() {
             "learners"
         } else {
@@ -379,7 +379,7 @@ impl Actor {
     /// `queue_max_batches`, is enforced when appending.)
     async fn wait_for_room(
         &self,
-        store: &dyn Store,
+        store: &dyn Queue,
         job_id: &str,
         group: &str,
         lead: u64,
@@ -387,8 +387,8 @@ impl Actor {
     ) -> Result<()> {
         let mut backoff = Duration::from_millis(10);
         loop {
-            let len = store.queue_len(job_id).await?;
-            let pending = store.queue_pending(job_id, group).await?;
+            let len = store.len(job_id).await?;
+            let pending = store.pending(job_id, group).await?;
             if len.saturating_sub(pending) < lead {
                 return Ok(());
             }
@@ -411,7 +411,7 @@ impl Actor {
     /// after steps that need their batches.
     async fn append(
         &self,
-        store: &dyn Store,
+        store: &dyn Queue,
         job_id: &str,
         group: &str,
         payload: Vec<u8>,
@@ -419,9 +419,9 @@ impl Actor {
     ) -> Result<()> {
         let mut backoff = Duration::from_millis(20);
         loop {
-            let read = store.queue_pending(job_id, group).await?;
+            let read = store.pending(job_id, group).await?;
             let bound = self.config.queue_max_batches.saturating_add(read);
-            match store.queue_append(job_id, payload.clone(), bound).await? {
+            match store.append(job_id, payload.clone(), bound).await? {
                 AppendOutcome::Appended(_) => return Ok(()),
                 AppendOutcome::Full { .. } => {
                     self.metrics

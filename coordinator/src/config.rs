@@ -32,7 +32,9 @@ pub struct Config {
     /// `redis://host:port/db`.
     pub store: String,
     /// Where the rollout queue lives, as handed to actors and learners;
-    /// empty means the store itself.
+    /// empty means the store itself, or for an embedded store (which no
+    /// other process may open) `coordinator://`: this coordinator's
+    /// RolloutQueueService.
     pub rollout_queue: String,
     /// Directory of weight blobs (a shared volume on Kubernetes).
     pub blob_dir: PathBuf,
@@ -192,7 +194,9 @@ impl Config {
 
     /// The rollout queue's URI as handed to actors and learners.
     pub fn rollout_queue_uri(&self) -> &str {
-        if self.rollout_queue.is_empty() {
+        if self.rollout_queue.is_empty() && self.store.starts_with("embedded://") {
+            crate::queue::COORDINATOR_QUEUE_URI
+        } else if self.rollout_queue.is_empty() {
             &self.store
         } else {
             &self.rollout_queue

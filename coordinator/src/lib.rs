@@ -18,6 +18,8 @@
 //!   and live jobs into assignments and moves jobs from PENDING to RUNNING.
 //! - [`weights`]: WeightService, the blob directory, its garbage collection,
 //!   and the client side of publishing and fetching.
+//! - [`queue`]: RolloutQueueService, the rollout queue of an embedded
+//!   store for workers in other processes, and its client.
 //! - [`member`]: the member side of ClusterService (register, heartbeat,
 //!   follow the assignment) for actors, learner ranks and reward servers.
 //! - [`auth`]: bearer tokens (clients and workers); [`config`]; [`error`]
@@ -33,6 +35,7 @@ pub mod error;
 pub mod jobs;
 pub mod member;
 pub mod metrics;
+pub mod queue;
 pub mod reconcile;
 mod records;
 pub mod server;

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use encore_proto::v1::cluster_service_client::ClusterServiceClient;
+use encore_proto::v1::rollout_queue_service_client::RolloutQueueServiceClient;
 use encore_proto::v1::weight_service_client::WeightServiceClient;
 use encore_proto::v1::{
     Assignment, Capabilities, DeregisterRequest, HeartbeatRequest, MemberStatus, RegisterRequest,
@@ -63,6 +64,13 @@ impl CoordinatorClient {
     /// A ClusterService client.
     pub fn cluster(&self) -> ClusterClient {
         ClusterServiceClient::with_interceptor(self.channel.clone(), self.token.clone())
+    }
+
+    /// A RolloutQueueService client (entries are up to a ScoredBatch).
+    pub fn queue(&self) -> crate::queue::RawQueueClient {
+        RolloutQueueServiceClient::with_interceptor(self.channel.clone(), self.token.clone())
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
     }
 
     /// A WeightService client.

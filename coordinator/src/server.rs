@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use encore_proto::v1::cluster_service_server::ClusterServiceServer;
 use encore_proto::v1::job_service_server::JobServiceServer;
+use encore_proto::v1::rollout_queue_service_server::RolloutQueueServiceServer;
 use encore_proto::v1::weight_service_server::WeightServiceServer;
 use encore_store::{Store, SystemClock};
 use encore_telemetry::{
@@ -31,15 +32,17 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::jobs::Jobs;
 use crate::metrics::Metrics;
+use crate::queue::QueueService;
 use crate::reconcile::{Changes, Reconciler, Trigger};
 use crate::spec::Limits;
 use crate::weights::{WeightOptions, Weights};
 
 /// Services whose health is reported under their own name.
-const SERVICES: [&str; 3] = [
+const SERVICES: [&str; 4] = [
     "encore.v1.JobService",
     "encore.v1.ClusterService",
     "encore.v1.WeightService",
+    "encore.v1.RolloutQueueService",
 ];
 
 /// How often the weight garbage collector sweeps every live job.
@@ -162,6 +165,10 @@ impl Coordinator {
         let weight_service = WeightServiceServer::new(weights.clone())
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
+        let queue_service =
+            RolloutQueueServiceServer::new(QueueService::new(store.clone(), metrics.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max);
 
         // Wide HTTP/2 windows and large frames: with the defaults (1 MiB
         // stream window) a 100 MB Publish runs at a quarter of the speed,
@@ -207,6 +214,10 @@ impl Coordinator {
             ))
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 weight_service,
+                check(auth.clone()),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                queue_service,
                 check(auth),
             ))
             .serve_with_incoming_shutdown(incoming, signal);

@@ -21,7 +21,6 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
@@ -37,7 +36,7 @@ use encore_proto::v1::{
     ReportProgressRequest, Resources, RewardStats, Role, Rollout, ScoredBatch, Stage, StageChange,
     StopReason, WeightFormat, assignment,
 };
-use encore_store::{EntryId, QueueEntry, SystemClock};
+use encore_store::{EntryId, QueueEntry};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 
@@ -274,7 +273,7 @@ impl Learner {
         let rank = work.rank as usize;
         let world = work.world_size.max(1) as usize;
         tracing::info!(job_id, rank, world, "training");
-        let store = encore_store::open(queue_uri, Arc::new(SystemClock)).await?;
+        let store = encore_coordinator::queue::open_queue(queue_uri, &self.coordinator).await?;
 
         // The collective (blocking: ranks wait for each other).
         let collective_config =
@@ -302,13 +301,13 @@ impl Learner {
         // Entries a crashed incarnation had taken and not acknowledged are
         // used again, first: the checkpoint predates them.
         let claimed = store
-            .queue_claim_stale(job_id, GROUP, &consumer, Duration::ZERO, 100_000)
+            .claim_stale(job_id, GROUP, &consumer, Duration::ZERO, 100_000)
             .await?;
         let (trained, redo) = split_claimed(claimed, &state.trained_unacknowledged);
         if !trained.is_empty() {
             // The checkpoint covers them; the crash came before their
             // acknowledgement.
-            store.queue_ack(job_id, GROUP, &trained).await?;
+            store.ack(job_id, GROUP, &trained).await?;
         }
         let mut backlog: VecDeque<QueueEntry> = redo.into();
         if !backlog.is_empty() || !trained.is_empty() {
@@ -343,7 +342,7 @@ impl Learner {
             let mut rollouts: Vec<Rollout> = Vec::with_capacity(share);
             let started = Instant::now();
             if rank == 0
-                && let Ok(depth) = store.queue_len(job_id).await
+                && let Ok(depth) = store.len(job_id).await
             {
                 self.metrics.queue_depth(job_id, depth);
             }
@@ -353,7 +352,7 @@ impl Learner {
                     None => {
                         let read = tokio::select! {
                             () = cancel.cancelled() => return Err(LearnerError::Cancelled),
-                            read = store.queue_read(job_id, GROUP, &consumer, 1, READ_BLOCK) => read,
+                            read = store.read(job_id, GROUP, &consumer, 1, READ_BLOCK) => read,
                         };
                         match read?.pop() {
                             Some(entry) => entry,
@@ -493,7 +492,7 @@ impl Learner {
                 .map_err(|e| LearnerError::Config(format!("barrier panicked: {e}")))?;
                 collective = back;
                 barrier?;
-                store.queue_ack(job_id, GROUP, &pending).await?;
+                store.ack(job_id, GROUP, &pending).await?;
                 pending.clear();
                 self.metrics
                     .phase(job_id, Phase::Checkpoint, checkpoint_started.elapsed());

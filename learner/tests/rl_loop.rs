@@ -117,6 +117,9 @@ struct Shape {
     checkpoint_every: u32,
     /// The actors' bound on batches waiting unread.
     queue_max_batches: u64,
+    /// The coordinator on the embedded store (workers reach the queue
+    /// through its RolloutQueueService) instead of Redis.
+    embedded: bool,
 }
 
 impl Shape {
@@ -134,6 +137,7 @@ impl Shape {
             trained: false,
             checkpoint_every: 2,
             queue_max_batches: 64,
+            embedded: false,
         }
     }
 }
@@ -233,7 +237,10 @@ struct Outcome {
     points: Vec<encore_proto::v1::MetricPoint>,
     end: Option<i32>,
     dir: tempfile::TempDir,
-    redis: RedisServer,
+    /// The store's URI (the coordinator has stopped: it may be opened).
+    store: String,
+    /// The Redis behind it, unless the store is embedded.
+    _redis: Option<RedisServer>,
     /// Rollouts the actors appended to the queue.
     produced: u64,
     /// Rollouts still in the queue at the end (appended, not acknowledged).
@@ -300,8 +307,15 @@ impl Rank {
 /// Runs one job of `shape` on a fresh cluster in this process, injects
 /// `fault`, and waits for the job to end.
 async fn run_job(shape: Shape, fault: Fault) -> Outcome {
-    let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
+    let (redis, store_uri) = if shape.embedded {
+        let uri = format!("embedded://{}", dir.path().join("state").display());
+        (None, uri)
+    } else {
+        let redis = RedisServer::start().await;
+        let uri = redis.url();
+        (Some(redis), uri)
+    };
     let base = dir.path().join("base");
     let mut quality_model = if shape.trained {
         let base = base.clone();
@@ -326,7 +340,7 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
     let coordinator = Coordinator::new(Config {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         admin: SocketAddr::from(([127, 0, 0, 1], 0)),
-        store: redis.url(),
+        store: store_uri.clone(),
         blob_dir: dir.path().join("blobs"),
         checkpoint_dir: dir.path().join("checkpoints"),
         shutdown_grace_ms: 1_000,
@@ -528,7 +542,7 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
         "encore_actor_reward_call_seconds",
         Some(("code", "UNAVAILABLE")),
     );
-    let store = encore_store::open(&redis.url(), std::sync::Arc::new(SystemClock))
+    let store = encore_store::open(&store_uri, std::sync::Arc::new(SystemClock))
         .await
         .unwrap();
     let left_in_queue = store.queue_len(&job_id).await.unwrap() * per_batch;
@@ -537,7 +551,8 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
         points,
         end,
         dir,
-        redis,
+        store: store_uri,
+        _redis: redis,
         produced,
         left_in_queue,
         unavailable_score_calls,
@@ -552,7 +567,9 @@ async fn a_job_runs_through_actor_reward_server_and_learner() {
         points,
         end,
         dir,
-        redis,
+        store,
+        // Kept alive: the queue is read below.
+        _redis,
         ..
     } = run_job(Shape::small(STEPS), Fault::None).await;
     assert_eq!(end, Some(JobState::Succeeded as i32));
@@ -578,7 +595,7 @@ async fn a_job_runs_through_actor_reward_server_and_learner() {
         saved.iter().any(|n| n == &format!("step-{STEPS}")),
         "{saved:?}"
     );
-    let store = encore_store::open(&redis.url(), Arc::new(SystemClock))
+    let store = encore_store::open(&store, Arc::new(SystemClock))
         .await
         .unwrap();
     assert_eq!(
@@ -668,6 +685,39 @@ async fn a_killed_learner_resumes_from_its_checkpoint_and_nothing_is_lost() {
         last.rollouts_dropped_total,
         last.dropped_by_reason,
         outcome.left_in_queue
+    );
+}
+
+/// One machine without Redis: the coordinator on the embedded store, whose
+/// directory only it may open, and the learner as its own process reading
+/// the queue through the coordinator's RolloutQueueService. It is killed
+/// mid-job; its successor re-claims its unacknowledged entries through the
+/// service too, and nothing is lost.
+#[tokio::test]
+async fn on_the_embedded_store_a_learner_process_uses_the_coordinators_queue() {
+    const STEPS_EMBEDDED: u64 = 8;
+    let outcome = run_job(
+        Shape {
+            embedded: true,
+            ..Shape::small(STEPS_EMBEDDED)
+        },
+        Fault::KillLearner { after: 4 },
+    )
+    .await;
+    assert!(outcome.store.starts_with("embedded://"));
+    assert_eq!(
+        outcome.end,
+        Some(JobState::Succeeded as i32),
+        "{}",
+        outcome.failure
+    );
+    let steps: Vec<u64> = outcome.points.iter().map(|p| p.step).collect();
+    assert_eq!(steps, (1..=STEPS_EMBEDDED).collect::<Vec<_>>());
+    let last = outcome.points.last().unwrap();
+    assert_eq!(
+        outcome.produced,
+        last.rollouts_consumed_total + last.rollouts_dropped_total + outcome.left_in_queue,
+        "produced = consumed + dropped + still queued"
     );
 }
 

@@ -119,6 +119,16 @@ fn expected_services() -> BTreeMap<String, Vec<Method>> {
             ],
         ),
         (
+            "RolloutQueueService".to_owned(),
+            vec![
+                unary("Append", "QueueAppendRequest", "QueueAppendResponse"),
+                unary("Read", "QueueReadRequest", "QueueEntries"),
+                unary("Ack", "QueueAckRequest", "QueueAckResponse"),
+                unary("ClaimStale", "QueueClaimRequest", "QueueEntries"),
+                unary("Stats", "QueueStatsRequest", "QueueStats"),
+            ],
+        ),
+        (
             "RewardService".to_owned(),
             vec![
                 unary("Score", "ScoreRequest", "ScoreResponse"),
@@ -143,6 +153,7 @@ fn descriptor_set_holds_the_encore_files_and_their_imports() {
             "encore/v1/common.proto",
             "encore/v1/job.proto",
             "encore/v1/preferences.proto",
+            "encore/v1/queue.proto",
             "encore/v1/reward.proto",
             "encore/v1/rollout.proto",
             "encore/v1/weights.proto",

@@ -44,6 +44,7 @@ use encore_proto::v1::{
 mod clock;
 mod embedded;
 mod error;
+mod queue;
 mod redis_backend;
 mod subscribe;
 mod types;
@@ -52,6 +53,7 @@ mod validate;
 pub use clock::{Clock, ManualClock, SystemClock, from_millis, millis};
 pub use embedded::{Durability, EmbeddedOptions, EmbeddedStore};
 pub use error::{Result, StoreError};
+pub use queue::Queue;
 pub use redis_backend::{RedisConfig, RedisStore};
 pub use subscribe::{EventStream, subscribe};
 pub use types::{

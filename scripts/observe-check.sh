@@ -39,7 +39,10 @@ done
 read -r -a kustomize <<< "$(scripts/find-kustomize.sh)"
 
 echo "==> building the binaries ($profile profile)"
-cargo_flags=(--bins -p encore-coordinator -p encore-reward-server -p encore-actor -p encore-learner -p encore-cli)
+# The whole workspace, as `cargo test --workspace` resolves features for it:
+# a subset of packages may resolve others and recompile candle and its
+# dependents (see scripts/python-client.sh).
+cargo_flags=(--workspace --bins)
 [[ "$profile" == release ]] && cargo_flags+=(--release)
 cargo build "${cargo_flags[@]}"
 bin="$target/$([[ "$profile" == release ]] && echo release || echo debug)"

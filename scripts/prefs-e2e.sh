@@ -22,7 +22,9 @@ fi
 if [[ ! -d "$work/node_modules/playwright-core" ]]; then
     npm install --prefix "$work" --no-audit --no-fund --no-save --loglevel=error "playwright-core@$PLAYWRIGHT"
 fi
-cargo build --bins -p encore-prefs -p encore-cli
+# The whole workspace, so that the features match `cargo test --workspace`'s
+# and nothing is recompiled after it (see scripts/python-client.sh).
+cargo build --workspace --bins
 bin="${CARGO_TARGET_DIR:-$repo/target}/debug"
 
 "$bin/encore" pretrain --preset tiny --steps 2 --batch-size 2 --eval-every 2 --out "$work/policy" >/dev/null

@@ -101,9 +101,14 @@ mkdir -p "$gen"
 # --- Rust binaries, models and items -----------------------------------------
 # The dev profile builds much faster than release, and it is quick enough
 # here: the workspace compiles dependencies (candle's kernels, gemm, prost)
-# with full optimisation even in dev.
-echo "==> building encore-reward-server, reward-score, reward-init and encore-coordinator ($profile profile)"
-cargo_flags=(-p encore-reward-server -p encore-coordinator --bins)
+# with full optimisation even in dev. It builds every binary of the
+# workspace, not just the four it runs: `-p encore-reward-server -p
+# encore-coordinator` alone resolves fewer features of getrandom, serde_json,
+# axum and serde_spanned (encore-prefs and encore-cli turn them on) and so
+# recompiled candle, gemm, tokenizers and tonic after
+# `cargo test --workspace`; the whole workspace's feature set is that one's.
+echo "==> building the workspace's binaries: encore-reward-server, reward-score, reward-init, encore-coordinator ... ($profile profile)"
+cargo_flags=(--workspace --bins)
 [[ "$profile" == release ]] && cargo_flags+=(--release)
 cargo build "${cargo_flags[@]}"
 bin="${CARGO_TARGET_DIR:-$repo/target}/$([[ "$profile" == release ]] && echo release || echo debug)"

@@ -28,13 +28,16 @@ impl std::str::FromStr for LogFormat {
 }
 
 /// Installs the global subscriber. The filter comes from `RUST_LOG`, else
-/// `default_filter` (e.g. `"info"`). Calling it twice is harmless: the second
-/// call keeps the first subscriber.
+/// `default_filter` (e.g. `"info"`). Colours only when stderr is a terminal
+/// (log files and pods get plain text). Calling it twice is harmless: the
+/// second call keeps the first subscriber.
 pub fn init(format: LogFormat, default_filter: &str) {
+    use std::io::IsTerminal;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -12,10 +12,13 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod evaluate;
 mod job;
+pub mod plot;
 mod prefs;
 mod pretrain;
+mod quickstart;
 mod reward;
 mod sample;
+mod serve;
 
 /// Fine-tune music generation models on human preferences.
 #[derive(Debug, Parser)]
@@ -49,6 +52,12 @@ pub enum Command {
     Job(job::JobArgs),
     /// Collected preferences: export them as a training dataset.
     Prefs(prefs::PrefsArgs),
+    /// The whole method on this machine: base policy, simulated raters,
+    /// reward models, an RU job on a local cluster, and a report.
+    Quickstart(quickstart::QuickstartArgs),
+    /// Run a long-running process: coordinator, reward server, actor or
+    /// learner rank.
+    Serve(serve::ServeArgs),
 }
 
 /// Runs a parsed command line.
@@ -62,6 +71,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reward(args) => reward::run(config, args),
         Command::Job(args) => job::run(args),
         Command::Prefs(args) => prefs::run(args),
+        Command::Quickstart(args) => quickstart::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 

@@ -1,0 +1,311 @@
+//! The quick start's report directory:
+//!
+//! - `summary.md`: what ran, how long each phase took, the reward models'
+//!   held-out figures, the win-rate table, and where everything is;
+//! - `curves.csv`, `reward-<model>.png`, `kl.png`: every job's step metrics;
+//! - `winrates.csv`: the table as data;
+//! - `audio/NN-<model>.wav`: the first evaluation clip of each held-out
+//!   prompt, for the base and fine-tuned models, with `audio/prompts.txt`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use encore_reward::train::{self, TrainReport};
+
+use super::Plan;
+use super::cluster::JobRun;
+use super::eval::{Evaluation, REWARD_MODELS};
+use crate::plot::{Chart, Marker, Series, write_png};
+
+/// Everything the report is made of.
+pub(super) struct Inputs<'a> {
+    pub dir: &'a Path,
+    pub plan: &'a Plan,
+    pub jobs: &'a [&'a JobRun],
+    pub evaluation: &'a Evaluation,
+    pub rewards: &'a [(String, TrainReport)],
+    pub data_notes: &'a [String],
+    pub phases: &'a [(String, f64)],
+    pub total_seconds: f64,
+}
+
+/// Writes the report; returns the win-rate table as Markdown.
+pub(super) fn write(inputs: &Inputs<'_>) -> anyhow::Result<String> {
+    let dir = inputs.dir;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir.join("audio"))?;
+    curves(inputs)?;
+    let audio = audio(inputs)?;
+    let table = win_table(inputs.evaluation);
+    std::fs::write(dir.join("winrates.csv"), win_csv(inputs.evaluation))?;
+    std::fs::write(dir.join("summary.md"), summary(inputs, &table, &audio)?)?;
+    std::fs::write(
+        dir.join("plan.json"),
+        serde_json::to_vec_pretty(inputs.plan)?,
+    )?;
+    Ok(table)
+}
+
+/// `curves.csv` and the plots.
+fn curves(inputs: &Inputs<'_>) -> anyhow::Result<()> {
+    let mut csv = String::from(
+        "job,step,stage,combined,kl,adherence,quality,preference,clip_fraction,staleness,policy_version\n",
+    );
+    for job in inputs.jobs {
+        for p in &job.points {
+            let r = |m: &str| {
+                p.rewards
+                    .get(m)
+                    .map_or(String::new(), |s| s.mean.to_string())
+            };
+            writeln!(
+                csv,
+                "{},{},{},{},{},{},{},{},{},{},{}",
+                job.name,
+                p.step,
+                p.stage,
+                p.combined_reward_mean,
+                p.kl,
+                r("adherence"),
+                r("quality"),
+                r("preference"),
+                p.clip_fraction,
+                p.staleness_mean,
+                p.policy_version
+            )?;
+        }
+    }
+    std::fs::write(inputs.dir.join("curves.csv"), csv)?;
+
+    // Stage boundaries of the multi-stage job.
+    let markers: Vec<Marker> = inputs
+        .jobs
+        .iter()
+        .filter(|j| j.stage_ends.len() > 1)
+        .flat_map(|j| {
+            j.stage_ends[..j.stage_ends.len() - 1]
+                .iter()
+                .zip(&j.stage_ends[1..])
+                .map(move |((_, end), (next, _))| Marker {
+                    x: *end as f64 + 0.5,
+                    label: format!("{}: stage {next} begins", j.name),
+                })
+        })
+        .collect();
+    let series_of = |value: &dyn Fn(&encore_proto::v1::MetricPoint) -> Option<f64>| -> Vec<Series> {
+        inputs
+            .jobs
+            .iter()
+            .map(|j| Series {
+                name: format!("job {}", j.name),
+                points: j
+                    .points
+                    .iter()
+                    .map(|p| (p.step as f64, value(p).unwrap_or(f64::NAN)))
+                    .collect(),
+            })
+            .collect()
+    };
+    for model in REWARD_MODELS {
+        let series = series_of(&|p| p.rewards.get(model).map(|s| s.mean));
+        write_png(
+            &inputs.dir.join(format!("reward-{model}.png")),
+            &Chart {
+                title: &format!("{model} reward (batch mean, raw score)"),
+                x_label: "step",
+                y_label: model,
+                series: &series,
+                markers: &markers,
+            },
+        )?;
+    }
+    let series = series_of(&|p| Some(p.kl));
+    write_png(
+        &inputs.dir.join("kl.png"),
+        &Chart {
+            title: "KL to the base policy (nats per clip, k3 estimate)",
+            x_label: "step",
+            y_label: "KL",
+            series: &series,
+            markers: &markers,
+        },
+    )
+}
+
+/// WAV files of the base and fine-tuned models' first clip per prompt;
+/// returns the Markdown lines listing them.
+fn audio(inputs: &Inputs<'_>) -> anyhow::Result<Vec<String>> {
+    let e = inputs.evaluation;
+    let n = inputs.plan.eval.wav_prompts.min(e.captions.len());
+    let mut lines = Vec::new();
+    let mut prompts = String::new();
+    for i in 0..n {
+        writeln!(prompts, "{:02}: {}", i + 1, e.captions[i])?;
+        let mut files = Vec::new();
+        for (mi, model) in e.models.iter().enumerate() {
+            let Some(tokens) = e.clips[mi][i].first() else {
+                continue;
+            };
+            let name = format!("{:02}-{}.wav", i + 1, model.to_lowercase());
+            let audio = crate::sample::normalise(encore_codec::render(tokens)?);
+            encore_codec::write_wav(&inputs.dir.join("audio").join(&name), &audio)?;
+            files.push(format!("[{model}](audio/{name})"));
+        }
+        lines.push(format!("- \"{}\": {}", e.captions[i], files.join(", ")));
+    }
+    std::fs::write(inputs.dir.join("audio").join("prompts.txt"), prompts)?;
+    Ok(lines)
+}
+
+fn pct(x: f64) -> String {
+    if x.is_finite() {
+        format!("{:.1}%", 100.0 * x)
+    } else {
+        "n/a".into()
+    }
+}
+
+/// The win-rate table in Markdown.
+fn win_table(e: &Evaluation) -> String {
+    let mut t = String::from(
+        "| comparison | held-out raters: A wins | (A / B / tie answers) | held-out raters, expected | adherence RM | quality RM | preference RM |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for p in &e.pairs {
+        let (a, b, tie) = p.held_out;
+        let _ = writeln!(
+            t,
+            "| {} vs {} | **{}** | {a} / {b} / {tie} | {} | {} | {} | {} |",
+            p.a,
+            p.b,
+            pct(p.held_out_win_rate()),
+            pct(p.held_out_expected),
+            pct(p.by_reward_model[0]),
+            pct(p.by_reward_model[1]),
+            pct(p.by_reward_model[2]),
+        );
+    }
+    t
+}
+
+fn win_csv(e: &Evaluation) -> String {
+    let mut csv = String::from(
+        "a,b,held_out_win_rate,held_out_a,held_out_b,held_out_tie,held_out_expected,adherence_rm,quality_rm,preference_rm\n",
+    );
+    for p in &e.pairs {
+        let (a, b, tie) = p.held_out;
+        let _ = writeln!(
+            csv,
+            "{},{},{},{a},{b},{tie},{},{},{},{}",
+            p.a,
+            p.b,
+            p.held_out_win_rate(),
+            p.held_out_expected,
+            p.by_reward_model[0],
+            p.by_reward_model[1],
+            p.by_reward_model[2]
+        );
+    }
+    csv
+}
+
+fn summary(inputs: &Inputs<'_>, table: &str, audio: &[String]) -> anyhow::Result<String> {
+    let e = inputs.evaluation;
+    let plan = inputs.plan;
+    let mut md = String::from("# Encore quick start\n\n");
+    writeln!(
+        md,
+        "MusicRL's method at laptop scale: a tiny base policy pretrained on the procedural corpus, \
+         three reward models trained on simulated raters, and RL fine-tuning with a KL penalty \
+         (β = {}) through a local cluster (coordinator on the embedded store, one reward server, \
+         {} actors, one learner rank, each its own process, gRPC on loopback). \
+         Scale `{}`; {:.0} s in all.\n",
+        plan.rl.kl_coef,
+        plan.rl.actors,
+        serde_json::to_value(plan.scale)?.as_str().unwrap_or("?"),
+        inputs.total_seconds
+    )?;
+
+    md.push_str("## Who wins\n\n");
+    writeln!(
+        md,
+        "Each model sampled {} clip(s) for each of {} held-out prompts; a comparison sets A's clip \
+         against B's for the same prompt. **Held-out raters** are {} simulated personas whose \
+         answers trained no reward model (`Population::held_out`); each answers every comparison \
+         once, and the win rate leaves ties out. \"Expected\" is their mean choice probability, the \
+         same figure without sampling noise. A reward model's column is the share of comparisons \
+         where A's clip scores higher.\n",
+        plan.eval.samples, plan.eval.prompts, e.raters
+    )?;
+    md.push_str(table);
+    md.push_str(
+        "\nThe models: **base** (pretrained), **R** (fine-tuned on adherence + quality, the RU \
+         job's first stage), **U** (fine-tuned on user preference alone, its own job), **RU** \
+         (stage R, then stage U).\n\n",
+    );
+
+    md.push_str("## Mean scores of each model's clips\n\n");
+    md.push_str("| model | adherence RM | quality RM (1-5) | preference RM (logit) | held-out raters' utility |\n| --- | ---: | ---: | ---: | ---: |\n");
+    for (mi, model) in e.models.iter().enumerate() {
+        let [a, q, p] = e.means[mi];
+        writeln!(
+            md,
+            "| {model} | {a:.3} | {q:.3} | {p:.3} | {:.3} |",
+            e.held_out_utility[mi]
+        )?;
+    }
+
+    md.push_str("\n## Training curves\n\n");
+    md.push_str(
+        "Batch means of each reward model's raw score and the KL to the base, per step \
+         (`curves.csv` has every figure):\n\n",
+    );
+    for model in REWARD_MODELS {
+        writeln!(md, "![{model}](reward-{model}.png)\n")?;
+    }
+    md.push_str("![KL](kl.png)\n\n");
+    for job in inputs.jobs {
+        if let (Some(first), Some(last)) = (job.points.first(), job.points.last()) {
+            writeln!(
+                md,
+                "- job {} (`{}`): {} steps, combined normalised reward {:.3} → {:.3}, KL {:.2} → {:.2} nats per clip",
+                job.name,
+                job.job_id,
+                job.points.len(),
+                first.combined_reward_mean,
+                last.combined_reward_mean,
+                first.kl,
+                last.kl
+            )?;
+        }
+    }
+
+    md.push_str("\n## Listen\n\nThe first evaluation clip of each model for the first held-out prompts (`audio/`):\n\n");
+    for line in audio {
+        writeln!(md, "{line}")?;
+    }
+
+    md.push_str("\n## Reward models (held-out figures)\n\n");
+    for line in inputs.data_notes {
+        writeln!(md, "- {line}")?;
+    }
+    for (name, report) in inputs.rewards {
+        writeln!(
+            md,
+            "- {name}: {} ({} training examples, {:.0} s)",
+            train::describe(report),
+            report.train_examples,
+            report.seconds
+        )?;
+    }
+
+    md.push_str("\n## Time\n\n| phase | seconds |\n| --- | ---: |\n");
+    for (phase, seconds) in inputs.phases {
+        writeln!(md, "| {phase} | {seconds:.0} |")?;
+    }
+    md.push_str(
+        "\nSettings: `plan.json`. The cluster's configuration and each process's log are under \
+         `../cluster/`, the policies under `../policies/`, the datasets under `../data/`.\n",
+    );
+    Ok(md)
+}

@@ -31,6 +31,10 @@ pub(super) struct Evaluation {
     pub means: Vec<[f64; 3]>,
     /// Mean utility of each model's clips to the held-out raters.
     pub held_out_utility: Vec<f64>,
+    /// The simulator's ground truth, which no judge sees directly: mean
+    /// prompt adherence (0-1) and latent quality (1-5) of each model's
+    /// clips.
+    pub truth: Vec<(f64, f64)>,
     /// Pairwise results, A vs B for each pair of models.
     pub pairs: Vec<PairResult>,
     /// Held-out raters judging.
@@ -145,6 +149,7 @@ pub(super) fn evaluate(
 
     let mut means = Vec::new();
     let mut held_out_utility = Vec::new();
+    let mut truth = Vec::new();
     for mi in 0..models.len() {
         let mut m = [0.0; 3];
         for (r, rm) in scores.iter().enumerate() {
@@ -153,8 +158,12 @@ pub(super) fn evaluate(
         }
         means.push(m);
         let (mut total, mut n) = (0.0, 0.0);
+        let (mut adherence, mut quality, mut clips_seen) = (0.0, 0.0, 0.0);
         for (i, e) in prompts.iter().enumerate() {
             for f in &features[mi][i] {
+                adherence += f64::from(f.analysis.prompt_adherence(&e.attributes, &e.mentioned));
+                quality += f64::from(f.quality);
+                clips_seen += 1.0;
                 for rater in &raters {
                     total += f64::from(rater.utility_of(&e.attributes, &e.mentioned, f));
                     n += 1.0;
@@ -162,6 +171,8 @@ pub(super) fn evaluate(
             }
         }
         held_out_utility.push(total / f64::max(n, 1.0));
+        let clips_seen = f64::max(clips_seen, 1.0);
+        truth.push((adherence / clips_seen, quality / clips_seen));
     }
 
     let index = |name: &str| models.iter().position(|(m, _)| m == name);
@@ -218,6 +229,7 @@ pub(super) fn evaluate(
         clips,
         means,
         held_out_utility,
+        truth,
         pairs,
         raters: raters.len(),
     })

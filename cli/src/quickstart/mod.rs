@@ -168,15 +168,15 @@ impl Plan {
                     learning_rate: 3e-3,
                 },
                 data: DataPlan {
-                    clips: 2000,
+                    clips: 6000,
                     rated_clips: 1000,
                     pairs: 8000,
                     frames: (40, 64),
                 },
                 rewards: RewardPlan {
                     batch_size: 32,
-                    channels: 48,
-                    adherence_epochs: 4,
+                    channels: 64,
+                    adherence_epochs: 8,
                     quality_epochs: 5,
                     preference_epochs: 1,
                 },

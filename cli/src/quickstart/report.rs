@@ -245,12 +245,19 @@ fn summary(inputs: &Inputs<'_>, table: &str, audio: &[String]) -> anyhow::Result
     );
 
     md.push_str("## Mean scores of each model's clips\n\n");
-    md.push_str("| model | adherence RM | quality RM (1-5) | preference RM (logit) | held-out raters' utility |\n| --- | ---: | ---: | ---: | ---: |\n");
+    md.push_str(
+        "What the reward models say, next to the simulator's ground truth that no judge sees \
+         directly: the clips' prompt adherence (0-1, attributes the prompt mentions that the \
+         clip has) and latent quality (1-5). A reward model's score that rises while the truth \
+         does not is reward hacking.\n\n",
+    );
+    md.push_str("| model | adherence RM | quality RM (1-5) | preference RM (logit) | true adherence | true quality | held-out raters' utility |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for (mi, model) in e.models.iter().enumerate() {
         let [a, q, p] = e.means[mi];
+        let (true_a, true_q) = e.truth[mi];
         writeln!(
             md,
-            "| {model} | {a:.3} | {q:.3} | {p:.3} | {:.3} |",
+            "| {model} | {a:.3} | {q:.3} | {p:.3} | {true_a:.3} | {true_q:.3} | {:.3} |",
             e.held_out_utility[mi]
         )?;
     }

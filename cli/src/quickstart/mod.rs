@@ -182,7 +182,7 @@ impl Plan {
                 },
                 rl: RlPlan {
                     r_steps: 40,
-                    u_steps: 60,
+                    u_steps: 80,
                     batch_size: 32,
                     samples_per_prompt: 4,
                     learning_rate: 1e-3,
@@ -191,8 +191,8 @@ impl Plan {
                     actors: 2,
                 },
                 eval: EvalPlan {
-                    prompts: 64,
-                    samples: 2,
+                    prompts: 128,
+                    samples: 4,
                     raters: 20,
                     wav_prompts: 4,
                 },

@@ -1,6 +1,8 @@
-//! The `encore` command line: pretrain the base policy, sample clips to WAV,
-//! check prompt following, benchmark throughput, train reward models, and
-//! run jobs on a coordinator (`encore job`).
+//! The `encore` command line: the whole method on one machine with a report
+//! (`encore quickstart`), pretrain the base policy, sample clips to WAV,
+//! check prompt following, benchmark throughput, train reward models, run
+//! jobs on a coordinator (`encore job`), and run any of the long-running
+//! processes (`encore serve`).
 //!
 //! Commands that have a configuration read it through `encore-config`:
 //! defaults < `--config FILE` section < `ENCORE_<SECTION>__<KEY>` < flags.

@@ -7,7 +7,8 @@ starts encore-coordinator and runs:
 
   services          lists the services the server offers through gRPC server
                     reflection (grpc.reflection.v1alpha), and fails unless
-                    JobService, ClusterService and WeightService are there;
+                    JobService, ClusterService, WeightService and
+                    RolloutQueueService are there;
   submit-and-watch  submits a small job with a bearer token, watches it (a
                     snapshot first), cancels it from a second call, and
                     fails unless the watch stream shows the CANCELLED state
@@ -25,6 +26,7 @@ EXPECTED_SERVICES = {
     "encore.v1.JobService",
     "encore.v1.ClusterService",
     "encore.v1.WeightService",
+    "encore.v1.RolloutQueueService",
     "grpc.health.v1.Health",
 }
 

@@ -104,6 +104,9 @@ fn curves(inputs: &Inputs<'_>) -> anyhow::Result<()> {
                     .map(|p| (p.step as f64, value(p).unwrap_or(f64::NAN)))
                     .collect(),
             })
+            // A job without this reward (job U has no quality reward) gets
+            // no legend entry.
+            .filter(|s| s.points.iter().any(|(_, y)| y.is_finite()))
             .collect()
     };
     for model in REWARD_MODELS {

@@ -251,6 +251,28 @@ struct Outcome {
     failure: String,
 }
 
+impl Outcome {
+    /// Every rollout the actors produced was consumed, dropped on purpose
+    /// (and counted), or is still in the queue; prints the balance.
+    fn assert_every_rollout_accounted_for(&self) {
+        let last = self.points.last().expect("the job reported steps");
+        assert_eq!(
+            self.produced,
+            last.rollouts_consumed_total + last.rollouts_dropped_total + self.left_in_queue,
+            "produced = consumed + dropped + still queued ({:?})",
+            last.dropped_by_reason
+        );
+        println!(
+            "produced {} = consumed {} + dropped {} {:?} + queued {}",
+            self.produced,
+            last.rollouts_consumed_total,
+            last.rollouts_dropped_total,
+            last.dropped_by_reason,
+            self.left_in_queue
+        );
+    }
+}
+
 /// A learner rank: a task in this process, or an `encore-learner` process.
 enum Rank {
     Task(tokio::task::JoinHandle<Result<(), encore_learner::LearnerError>>),
@@ -671,21 +693,7 @@ async fn a_killed_learner_resumes_from_its_checkpoint_and_nothing_is_lost() {
         (1..=STEPS_KILLED).collect::<Vec<_>>(),
         "each step reported once"
     );
-    let last = outcome.points.last().unwrap();
-    assert_eq!(
-        outcome.produced,
-        last.rollouts_consumed_total + last.rollouts_dropped_total + outcome.left_in_queue,
-        "produced = consumed + dropped + still queued ({:?})",
-        last.dropped_by_reason
-    );
-    println!(
-        "produced {} = consumed {} + dropped {} {:?} + queued {}",
-        outcome.produced,
-        last.rollouts_consumed_total,
-        last.rollouts_dropped_total,
-        last.dropped_by_reason,
-        outcome.left_in_queue
-    );
+    outcome.assert_every_rollout_accounted_for();
 }
 
 /// One machine without Redis: the coordinator on the embedded store, whose
@@ -713,12 +721,7 @@ async fn on_the_embedded_store_a_learner_process_uses_the_coordinators_queue() {
     );
     let steps: Vec<u64> = outcome.points.iter().map(|p| p.step).collect();
     assert_eq!(steps, (1..=STEPS_EMBEDDED).collect::<Vec<_>>());
-    let last = outcome.points.last().unwrap();
-    assert_eq!(
-        outcome.produced,
-        last.rollouts_consumed_total + last.rollouts_dropped_total + outcome.left_in_queue,
-        "produced = consumed + dropped + still queued"
-    );
+    outcome.assert_every_rollout_accounted_for();
 }
 
 /// MusicRL's loop in miniature: 2 actors, 1 reward server, a coordinator on
@@ -834,22 +837,11 @@ async fn a_reward_server_that_goes_away_stalls_the_job_and_loses_nothing() {
         outcome.unavailable_score_calls > 0,
         "the actor noticed the server was away"
     );
-    let last = outcome.points.last().unwrap();
-    assert_eq!(
-        outcome.produced,
-        last.rollouts_consumed_total + last.rollouts_dropped_total + outcome.left_in_queue,
-        "produced = consumed + dropped + still queued ({:?})",
-        last.dropped_by_reason
-    );
     println!(
-        "{} Score calls failed with UNAVAILABLE; produced {} = consumed {} + dropped {} {:?} + queued {}",
-        outcome.unavailable_score_calls,
-        outcome.produced,
-        last.rollouts_consumed_total,
-        last.rollouts_dropped_total,
-        last.dropped_by_reason,
-        outcome.left_in_queue
+        "{} Score calls failed with UNAVAILABLE",
+        outcome.unavailable_score_calls
     );
+    outcome.assert_every_rollout_accounted_for();
 }
 
 /// A learner that cannot train (here: the job's base checkpoint does not

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use encore_coordinator::auth::BearerToken;
+use encore_coordinator::config::AuthConfig;
 use encore_proto::v1::job_service_client::JobServiceClient;
 use encore_proto::v1::{
     Algorithm, AlgorithmKind, JobResources, JobSpec, JobState, MetricPoint, ModelRef,
@@ -17,6 +18,7 @@ use encore_proto::v1::{
     SamplingParams, Stage, StopCondition, SubmitJobRequest, WatchJobRequest, job_event,
     prompt_source,
 };
+use encore_reward_server::ModelSpec;
 use tokio::process::{Child, Command};
 use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
@@ -30,6 +32,16 @@ const CLIENT: &str = "quickstart";
 const STALL: Duration = Duration::from_secs(300);
 
 type Jobs = JobServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// The cluster's configuration file: one section per process, typed, so
+/// a key the processes do not know cannot be written.
+#[derive(serde::Serialize)]
+struct ClusterConfig {
+    coordinator: encore_coordinator::Config,
+    reward_server: encore_reward_server::Config,
+    actor: encore_actor::Config,
+    learner: encore_learner::Config,
+}
 
 /// One child process.
 struct Process {
@@ -83,72 +95,52 @@ impl Cluster {
         let port = free_port()?;
         let url = format!("http://127.0.0.1:{port}");
         let (client_token, worker_token) = (token("client"), token("worker"));
-        let path = |p: PathBuf| p.display().to_string();
-        let mut config = toml::Table::new();
-        config.insert(
-            "coordinator".into(),
-            toml::Value::Table(toml::toml! {
-                admin = "127.0.0.1:0"
-                shutdown_grace_ms = 2000
-            }),
-        );
-        let coordinator = config
-            .get_mut("coordinator")
-            .and_then(toml::Value::as_table_mut)
-            .ok_or_else(|| anyhow!("coordinator section"))?;
-        coordinator.insert("listen".into(), format!("127.0.0.1:{port}").into());
-        coordinator.insert(
-            "store".into(),
-            format!("embedded://{}", path(dir.join("state"))).into(),
-        );
-        coordinator.insert("blob_dir".into(), path(dir.join("blobs")).into());
-        coordinator.insert(
-            "checkpoint_dir".into(),
-            path(dir.join("checkpoints")).into(),
-        );
-        let mut auth = toml::Table::new();
-        auth.insert(
-            "client_tokens".into(),
-            toml::Value::Array(vec![format!("{CLIENT}:{client_token}").into()]),
-        );
-        auth.insert("worker_token".into(), worker_token.clone().into());
-        coordinator.insert("auth".into(), toml::Value::Table(auth));
-
-        let worker = |extra: &[(&str, toml::Value)]| {
-            let mut t = toml::Table::new();
-            t.insert("coordinator".into(), url.clone().into());
-            t.insert("worker_token".into(), worker_token.clone().into());
-            t.insert("admin".into(), "127.0.0.1:0".into());
-            for (k, v) in extra {
-                t.insert((*k).into(), v.clone());
-            }
-            toml::Value::Table(t)
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let config = ClusterConfig {
+            coordinator: encore_coordinator::Config {
+                listen: SocketAddr::from(([127, 0, 0, 1], port)),
+                admin: loopback,
+                store: format!("embedded://{}", dir.join("state").display()),
+                blob_dir: dir.join("blobs"),
+                checkpoint_dir: dir.join("checkpoints"),
+                shutdown_grace_ms: 2000,
+                auth: AuthConfig {
+                    client_tokens: vec![format!("{CLIENT}:{client_token}")],
+                    worker_token: Some(worker_token.clone()),
+                    ..AuthConfig::default()
+                },
+                ..encore_coordinator::Config::default()
+            },
+            reward_server: encore_reward_server::Config {
+                listen: loopback,
+                admin: loopback,
+                coordinator: url.clone(),
+                worker_token: Some(worker_token.clone()),
+                shutdown_grace_ms: 2000,
+                models: super::eval::REWARD_MODELS
+                    .iter()
+                    .map(|name| ModelSpec {
+                        name: (*name).to_owned(),
+                        path: rewards.join(name),
+                    })
+                    .collect(),
+                ..encore_reward_server::Config::default()
+            },
+            actor: encore_actor::Config {
+                coordinator: url.clone(),
+                worker_token: Some(worker_token.clone()),
+                admin: loopback,
+                ..encore_actor::Config::default()
+            },
+            learner: encore_learner::Config {
+                coordinator: url.clone(),
+                worker_token: Some(worker_token),
+                admin: loopback,
+                work_dir: dir.join("learner"),
+                keep_checkpoints: 20,
+                ..encore_learner::Config::default()
+            },
         };
-        let models: Vec<toml::Value> = ["adherence", "quality", "preference"]
-            .iter()
-            .map(|name| {
-                let mut m = toml::Table::new();
-                m.insert("name".into(), (*name).into());
-                m.insert("path".into(), path(rewards.join(name)).into());
-                toml::Value::Table(m)
-            })
-            .collect();
-        config.insert(
-            "reward_server".into(),
-            worker(&[
-                ("listen", "127.0.0.1:0".into()),
-                ("models", toml::Value::Array(models)),
-                ("shutdown_grace_ms", 2000.into()),
-            ]),
-        );
-        config.insert("actor".into(), worker(&[]));
-        config.insert(
-            "learner".into(),
-            worker(&[
-                ("work_dir", path(dir.join("learner")).into()),
-                ("keep_checkpoints", 20.into()),
-            ]),
-        );
         let config_file = dir.join("encore.toml");
         std::fs::write(&config_file, toml::to_string_pretty(&config)?)?;
 
@@ -177,7 +169,7 @@ impl Cluster {
         spawn("coordinator".into(), "coordinator", Vec::new())?;
         spawn("reward-server".into(), "reward-server", Vec::new())?;
         for i in 0..plan.rl.actors {
-            let work_dir = path(dir.join(format!("actor-{i}")));
+            let work_dir = dir.join(format!("actor-{i}")).display().to_string();
             spawn(
                 format!("actor-{i}"),
                 "actor",

@@ -27,7 +27,7 @@ pub use config::{PolicyConfig, Preset};
 pub use device::device;
 pub use error::ModelError;
 pub use policy::{KvCache, Policy};
-pub use sample::{Samples, SamplingParams, log_softmax_at, sample};
+pub use sample::{Samples, SamplingParams, choose, log_softmax_at, sample};
 
 /// Caption embeddings for `captions` as a `[n, text_dim]` tensor.
 pub fn embed_captions(

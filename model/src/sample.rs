@@ -119,8 +119,8 @@ pub fn log_softmax_at(logits: &[f32], id: usize) -> f32 {
 
 /// Draws one index from `logits` under `params`; returns it with its
 /// log-probability under the distribution actually sampled from (after
-/// temperature and truncation).
-fn choose(logits: &[f32], params: &SamplingParams, rng: &mut impl Rng) -> (usize, f32) {
+/// temperature and truncation). Every policy's sampler draws through it.
+pub fn choose(logits: &[f32], params: &SamplingParams, rng: &mut impl Rng) -> (usize, f32) {
     let inv_t = 1.0 / params.temperature;
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let scaled = |l: f32| (l - max) * inv_t;

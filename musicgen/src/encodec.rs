@@ -1,0 +1,405 @@
+//! The decoding half of EnCodec (codes -> waveform) as transformers runs it:
+//! residual vector quantizer lookup, SEANet decoder with weight-normalised
+//! convolutions, reflect padding and trimmed transposed convolutions.
+//!
+//! candle-transformers has an EnCodec too, but it cannot read these
+//! checkpoints: it has no reflect padding, does not trim its transposed
+//! convolutions, reads neither transformers 5's weight-norm parametrisation
+//! nor snake-case config values.
+//!
+//! Weight norm is folded at load time (`w = g * v / |v|`); both layouts are
+//! read: `weight_g`/`weight_v` (older checkpoints, the ones on the Hub) and
+//! `parametrizations.weight.original0/1` (transformers 5).
+
+use candle_core::{D, IndexOp, Tensor};
+use candle_nn::{VarBuilder, rnn::RNN};
+
+use crate::{EncodecConfig, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Pad {
+    Reflect,
+    Constant,
+    Replicate,
+}
+
+/// A weight-normalised weight `[a, b, k]` whose norm is taken over every
+/// dimension but the first.
+fn weight_norm(vb: &VarBuilder, shape: (usize, usize, usize)) -> Result<Tensor> {
+    let (g, v) = if vb.contains_tensor("parametrizations.weight.original0") {
+        (
+            vb.get((shape.0, 1, 1), "parametrizations.weight.original0")?,
+            vb.get(shape, "parametrizations.weight.original1")?,
+        )
+    } else {
+        let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+        (
+            vb.get_with_hints((shape.0, 1, 1), "weight_g", candle_nn::init::ONE)?,
+            vb.get_with_hints(shape, "weight_v", init)?,
+        )
+    };
+    let norm = v.sqr()?.sum_keepdim((1, 2))?.sqrt()?;
+    Ok(v.broadcast_mul(&g)?.broadcast_div(&norm)?)
+}
+
+#[derive(Debug, Clone)]
+struct Conv {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    dilation: usize,
+    causal: bool,
+    pad: Pad,
+}
+
+impl Conv {
+    fn new(
+        cfg: &EncodecConfig,
+        inp: usize,
+        out: usize,
+        k: usize,
+        dilation: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let vb = vb.pp("conv");
+        Ok(Self {
+            weight: weight_norm(&vb, (out, inp, k))?,
+            bias: vb.get_with_hints(out, "bias", candle_nn::init::ZERO)?,
+            stride: 1,
+            dilation,
+            causal: cfg.use_causal_conv,
+            pad: match cfg.pad_mode.as_str() {
+                "reflect" => Pad::Reflect,
+                "replicate" => Pad::Replicate,
+                _ => Pad::Constant,
+            },
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let k = (self.weight.dim(2)? - 1) * self.dilation + 1;
+        let total = k - self.stride;
+        let len = xs.dim(D::Minus1)?;
+        // transformers' `_get_extra_padding_for_conv1d`.
+        let frames = ((len + total) as f64 - k as f64) / self.stride as f64 + 1.0;
+        let ideal = ((frames.ceil() as usize).saturating_sub(1)) * self.stride + k - total;
+        let extra = ideal.saturating_sub(len);
+        let (left, right) = if self.causal {
+            (total, extra)
+        } else {
+            let right = total / 2;
+            (total - right, right + extra)
+        };
+        let xs = pad1d(xs, left, right, self.pad)?;
+        let ys = xs.conv1d(&self.weight, 0, self.stride, self.dilation, 1)?;
+        Ok(ys.broadcast_add(&self.bias.reshape((1, (), 1))?)?)
+    }
+}
+
+/// Pads the last dimension; reflect padding of an input shorter than the pad
+/// first zero-pads it on the right, as transformers does.
+fn pad1d(xs: &Tensor, left: usize, right: usize, mode: Pad) -> Result<Tensor> {
+    Ok(match mode {
+        Pad::Constant => xs.pad_with_zeros(D::Minus1, left, right)?,
+        Pad::Replicate => xs.pad_with_same(D::Minus1, left, right)?,
+        Pad::Reflect => {
+            let len = xs.dim(D::Minus1)?;
+            let max_pad = left.max(right);
+            let (xs, extra) = if len <= max_pad {
+                let extra = max_pad - len + 1;
+                (xs.pad_with_zeros(D::Minus1, 0, extra)?, extra)
+            } else {
+                (xs.clone(), 0)
+            };
+            let n = len + extra;
+            let index: Vec<u32> = (0..left)
+                .map(|i| (left - i) as u32)
+                .chain((0..n).map(|i| i as u32))
+                .chain((0..right).map(|i| (n - 2 - i) as u32))
+                .collect();
+            let index = Tensor::new(index, xs.device())?;
+            let padded = xs.index_select(&index, xs.rank() - 1)?;
+            let total = padded.dim(D::Minus1)?;
+            padded.narrow(D::Minus1, 0, total - extra)?
+        }
+    })
+}
+
+#[derive(Debug, Clone)]
+struct ConvTranspose {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    trim_left: usize,
+    trim_right: usize,
+}
+
+impl ConvTranspose {
+    fn new(
+        cfg: &EncodecConfig,
+        inp: usize,
+        out: usize,
+        k: usize,
+        stride: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let vb = vb.pp("conv");
+        let total = k - stride;
+        let trim_right = if cfg.use_causal_conv {
+            (total as f64 * cfg.trim_right_ratio).ceil() as usize
+        } else {
+            total / 2
+        };
+        Ok(Self {
+            weight: weight_norm(&vb, (inp, out, k))?,
+            bias: vb.get_with_hints(out, "bias", candle_nn::init::ZERO)?,
+            stride,
+            trim_left: total - trim_right,
+            trim_right,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = conv_transpose1d(xs, &self.weight, self.stride)?;
+        let ys = ys.broadcast_add(&self.bias.reshape((1, (), 1))?)?;
+        let len = ys.dim(D::Minus1)?;
+        Ok(ys.narrow(
+            D::Minus1,
+            self.trim_left,
+            len - self.trim_left - self.trim_right,
+        )?)
+    }
+}
+
+/// A transposed 1-d convolution (no padding, no dilation) as one matrix
+/// product and an overlap-add: every input frame contributes a `[c_out, k]`
+/// patch at `t * stride`. candle 0.11's `conv_transpose1d` gives wrong
+/// results on the CPU for batches of several channels (checked against
+/// torch), and this is also faster.
+fn conv_transpose1d(xs: &Tensor, weight: &Tensor, stride: usize) -> Result<Tensor> {
+    let (b, c_in, t) = xs.dims3()?;
+    let (_, c_out, k) = weight.dims3()?;
+    let chunks = k.div_ceil(stride);
+    let weight = weight.pad_with_zeros(2, 0, chunks * stride - k)?;
+    // [b, t, c_in] x [c_in, c_out * chunks * stride] -> [b, t, c_out, chunks, stride]
+    let patches = xs
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b * t, c_in))?
+        .matmul(&weight.reshape((c_in, c_out * chunks * stride))?)?
+        .reshape((b, t, c_out, chunks, stride))?;
+    let mut out: Option<Tensor> = None;
+    for j in 0..chunks {
+        // Chunk j of frame t lands at (t + j) * stride.
+        let part = patches
+            .narrow(3, j, 1)?
+            .squeeze(3)?
+            .permute((0, 2, 1, 3))?
+            .reshape((b, c_out, t * stride))?
+            .pad_with_zeros(2, j * stride, (chunks - 1 - j) * stride)?;
+        out = Some(match out {
+            Some(acc) => (acc + part)?,
+            None => part,
+        });
+    }
+    let out =
+        out.ok_or_else(|| crate::MusicgenError::Input("conv_transpose1d: empty kernel".into()))?;
+    Ok(out.narrow(2, 0, (t - 1) * stride + k)?)
+}
+
+#[derive(Debug, Clone)]
+struct Lstm {
+    layers: Vec<candle_nn::LSTM>,
+}
+
+impl Lstm {
+    fn new(cfg: &EncodecConfig, dim: usize, vb: VarBuilder) -> Result<Self> {
+        let vb = vb.pp("lstm");
+        let layers = (0..cfg.num_lstm_layers)
+            .map(|layer_idx| {
+                let c = candle_nn::LSTMConfig {
+                    layer_idx,
+                    ..Default::default()
+                };
+                candle_nn::lstm(dim, dim, c, vb.clone())
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { layers })
+    }
+
+    /// `[b, c, t]` -> `[b, c, t]`, with the residual connection.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let input = xs.transpose(1, 2)?.contiguous()?;
+        let mut h = input.clone();
+        for layer in &self.layers {
+            let states = layer.seq(&h)?;
+            h = layer.states_to_tensor(&states)?;
+        }
+        Ok((h + input)?.transpose(1, 2)?.contiguous()?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Resnet {
+    conv1: Conv,
+    conv2: Conv,
+    shortcut: Option<Conv>,
+}
+
+impl Resnet {
+    fn new(cfg: &EncodecConfig, dim: usize, dilation: usize, vb: VarBuilder) -> Result<Self> {
+        let hidden = dim / cfg.compress;
+        let block = vb.pp("block");
+        Ok(Self {
+            conv1: Conv::new(
+                cfg,
+                dim,
+                hidden,
+                cfg.residual_kernel_size,
+                dilation,
+                block.pp(1),
+            )?,
+            conv2: Conv::new(cfg, hidden, dim, 1, 1, block.pp(3))?,
+            shortcut: if cfg.use_conv_shortcut {
+                Some(Conv::new(cfg, dim, dim, 1, 1, vb.pp("shortcut"))?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&xs.elu(1.0)?)?;
+        let h = self.conv2.forward(&h.elu(1.0)?)?;
+        let residual = match &self.shortcut {
+            Some(s) => s.forward(xs)?,
+            None => xs.clone(),
+        };
+        Ok((residual + h)?)
+    }
+}
+
+/// EnCodec's quantizer lookup and decoder.
+#[derive(Debug, Clone)]
+pub struct EncodecDecoder {
+    codebooks: Vec<Tensor>,
+    first: Conv,
+    lstm: Lstm,
+    stages: Vec<(ConvTranspose, Vec<Resnet>)>,
+    last: Conv,
+    cfg: EncodecConfig,
+}
+
+impl EncodecDecoder {
+    /// Builds it from `vb` at the checkpoint's `audio_encoder` prefix.
+    pub fn new(cfg: &EncodecConfig, vb: VarBuilder) -> Result<Self> {
+        let codebooks = (0..cfg.num_quantizers())
+            .map(|i| {
+                vb.pp("quantizer")
+                    .pp("layers")
+                    .pp(i)
+                    .pp("codebook")
+                    .get_with_hints(
+                        (cfg.codebook_size, cfg.codebook_dim()),
+                        "embed",
+                        candle_nn::init::Init::Randn {
+                            mean: 0.0,
+                            stdev: 1.0,
+                        },
+                    )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let layers = vb.pp("decoder").pp("layers");
+        let mut scale = 1usize << cfg.upsampling_ratios.len();
+        let mut index = 0;
+        let first = Conv::new(
+            cfg,
+            cfg.hidden_size,
+            scale * cfg.num_filters,
+            cfg.kernel_size,
+            1,
+            layers.pp(index),
+        )?;
+        index += 1;
+        let lstm = Lstm::new(cfg, scale * cfg.num_filters, layers.pp(index))?;
+        index += 1;
+        let mut stages = Vec::with_capacity(cfg.upsampling_ratios.len());
+        for &ratio in &cfg.upsampling_ratios {
+            let dim = scale * cfg.num_filters;
+            index += 1; // ELU
+            let up = ConvTranspose::new(cfg, dim, dim / 2, ratio * 2, ratio, layers.pp(index))?;
+            index += 1;
+            let mut resnets = Vec::with_capacity(cfg.num_residual_layers);
+            for j in 0..cfg.num_residual_layers {
+                let dilation = cfg.dilation_growth_rate.pow(j as u32);
+                resnets.push(Resnet::new(cfg, dim / 2, dilation, layers.pp(index))?);
+                index += 1;
+            }
+            stages.push((up, resnets));
+            scale /= 2;
+        }
+        index += 1; // ELU
+        let last = Conv::new(
+            cfg,
+            cfg.num_filters,
+            cfg.audio_channels,
+            cfg.last_kernel_size,
+            1,
+            layers.pp(index),
+        )?;
+        Ok(Self {
+            codebooks,
+            first,
+            lstm,
+            stages,
+            last,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Output sample rate, Hz.
+    pub fn sample_rate(&self) -> u32 {
+        self.cfg.sampling_rate
+    }
+
+    /// Samples per code frame.
+    pub fn hop_length(&self) -> usize {
+        self.cfg.hop_length()
+    }
+
+    /// Waveforms `[b, channels, frames * hop]` for codes `[b, K, frames]`
+    /// (u32); `K` may be fewer than the codec's codebooks.
+    pub fn decode(&self, codes: &Tensor) -> Result<Tensor> {
+        let (_, k_total, _) = codes.dims3()?;
+        if k_total > self.codebooks.len() {
+            return Err(crate::MusicgenError::Input(format!(
+                "codes: {k_total} codebooks, the codec has {}",
+                self.codebooks.len()
+            )));
+        }
+        let mut latent: Option<Tensor> = None;
+        for (k, book) in self.codebooks.iter().enumerate().take(k_total) {
+            let ids = codes.i((.., k, ..))?.contiguous()?;
+            let (b, t) = ids.dims2()?;
+            let q = book
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, ()))?
+                .transpose(1, 2)?;
+            latent = Some(match latent {
+                Some(acc) => (acc + q)?,
+                None => q,
+            });
+        }
+        let latent =
+            latent.ok_or_else(|| crate::MusicgenError::Input("codes: no codebooks".into()))?;
+        let mut xs = self.first.forward(&latent.contiguous()?)?;
+        xs = self.lstm.forward(&xs)?;
+        for (up, resnets) in &self.stages {
+            xs = up.forward(&xs.elu(1.0)?)?;
+            for r in resnets {
+                xs = r.forward(&xs)?;
+            }
+        }
+        self.last.forward(&xs.elu(1.0)?)
+    }
+}

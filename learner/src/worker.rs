@@ -31,7 +31,7 @@ use encore_coordinator::member::{
 use encore_coordinator::weights::client::{PublishData, PublishError, publish};
 use encore_model::TrainablePolicy;
 use encore_proto::v1::{
-    AlgorithmKind, Capabilities, DeviceKind, GetManifestRequest, JobSpec, JobState,
+    AlgorithmKind, Capabilities, DeviceKind, ErrorReason, GetManifestRequest, JobSpec, JobState,
     LearnerAssignment, MetricPoint, NormalizationKind as ProtoKind, PublishHeader,
     ReportProgressRequest, Resources, RewardStats, Role, Rollout, ScoredBatch, Stage, StageChange,
     StopReason, WeightFormat, assignment,
@@ -593,11 +593,7 @@ impl Learner {
             }
             // Already above this version (a resumed rank 0 publishing again):
             // the committed one stands.
-            Err(PublishError::Status(status))
-                if status.code() == tonic::Code::FailedPrecondition =>
-            {
-                Ok(())
-            }
+            Err(PublishError::Status(status)) if superseded(&status) => Ok(()),
             Err(e) => Err(LearnerError::Config(format!(
                 "publishing version {version}: {e}"
             ))),
@@ -629,6 +625,16 @@ impl Learner {
             })?;
         Ok(answer.into_inner().state)
     }
+}
+
+/// Whether a refused Publish only says that a later version is already
+/// committed (VERSION_NOT_MONOTONIC: a resumed rank 0 publishing a version
+/// again), so the committed one stands. Other refusals with the same code
+/// (the job has ended, this member is no longer rank 0 or its lease
+/// expired) are failures.
+fn superseded(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition
+        && encore_proto::status::reason_of(status) == ErrorReason::VersionNotMonotonic
 }
 
 /// What a job's spec says about training, in the learner's terms.
@@ -973,6 +979,40 @@ mod tests {
         .unwrap();
         assert_eq!(no_warmup.learning_rate_at(1), 1e-3);
         assert_eq!(no_warmup.epochs, 1, "REINFORCE takes one pass");
+    }
+
+    #[test]
+    fn only_a_later_committed_version_makes_a_refused_publish_a_success() {
+        use encore_coordinator::Error;
+        // As the coordinator answers them (its one conversion to a status).
+        let later = tonic::Status::from(Error::VersionNotMonotonic(
+            "header.version: 3 is not above 5".into(),
+        ));
+        assert!(superseded(&later), "{later:?}");
+        let refusals = [
+            Error::JobTerminal {
+                job_id: "j".into(),
+                state: "CANCELLED".into(),
+                action: "given new weight versions",
+            },
+            Error::NotAssigned {
+                member_id: "m".into(),
+                why: "is not rank 0 of job \"j\"'s learner".into(),
+            },
+            Error::LeaseExpired("m".into()),
+            Error::Store(encore_store::StoreError::LeaseExpired {
+                member_id: "m".into(),
+            }),
+        ];
+        for refusal in refusals {
+            let status = tonic::Status::from(refusal);
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+            assert!(!superseded(&status), "{status:?}");
+        }
+        // The code alone, without the reason, is not enough either.
+        assert!(!superseded(&tonic::Status::failed_precondition(
+            "not above the latest"
+        )));
     }
 
     #[test]

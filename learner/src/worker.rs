@@ -8,7 +8,8 @@
 //!   │  incarnation had taken but not acknowledged
 //!   └─ per step: read this rank's share (whole ScoredBatches) from the queue
 //!        ├─ drop on purpose, counted: stale (older than max_staleness
-//!        │  versions), another stage, undecodable
+//!        │  versions), another stage, undecodable or malformed (a score
+//!        │  missing or not finite, a short group)
 //!        ├─ Trainer::step (all-reduce, AdamW)             [step.rs]
 //!        ├─ rank 0: publish weights every publish_every_steps,
 //!        │  report the metric point (ClusterService.ReportProgress)
@@ -364,6 +365,8 @@ impl Learner {
                 match usable(
                     &entry,
                     &stage.name,
+                    &specs,
+                    plan.k,
                     state.policy_version,
                     plan.max_staleness,
                 ) {
@@ -827,10 +830,15 @@ fn reward_specs(stage: &Stage) -> Result<Vec<RewardSpec>, LearnerError> {
 }
 
 /// The batch in `entry` if it may be trained on, else why not and how many
-/// rollouts are dropped.
+/// rollouts are dropped. A malformed batch (a score of the stage missing or
+/// not finite, a group short of `k` samples, tokens without their
+/// log-probs) is dropped as `invalid` here, so that one bad batch costs its
+/// own rollouts rather than failing every attempt at the step it would join.
 fn usable(
     entry: &QueueEntry,
     stage: &str,
+    specs: &[RewardSpec],
+    k: usize,
     latest: u64,
     max_staleness: u64,
 ) -> Result<ScoredBatch, (&'static str, u64)> {
@@ -851,11 +859,23 @@ fn usable(
     if latest.saturating_sub(oldest) > max_staleness {
         return Err(("stale", n));
     }
-    if batch
-        .rollouts
-        .iter()
-        .any(|r| r.tokens.is_empty() || r.tokens.len() != r.behaviour_log_probs.len())
-    {
+    let malformed = |r: &Rollout| {
+        r.tokens.is_empty()
+            || r.tokens.len() != r.behaviour_log_probs.len()
+            || r.behaviour_log_probs.iter().any(|lp| !lp.is_finite())
+            || specs.iter().any(|spec| {
+                r.scores
+                    .get(&spec.model)
+                    .is_none_or(|score| !score.value.is_finite())
+            })
+    };
+    // Whole groups of k, adjacent: the leave-one-out baseline needs them.
+    let whole_groups = batch.rollouts.len().is_multiple_of(k)
+        && batch
+            .rollouts
+            .chunks(k)
+            .all(|g| g.iter().all(|r| r.group_id == g[0].group_id));
+    if !whole_groups || batch.rollouts.iter().any(malformed) {
         return Err(("invalid", n));
     }
     Ok(batch)
@@ -948,6 +968,79 @@ mod tests {
         QueueEntry {
             id: id.parse().unwrap(),
             payload: Vec::new(),
+        }
+    }
+
+    /// A batch of `groups` groups of 2 rollouts scored by "quality".
+    fn scored_batch(groups: usize) -> ScoredBatch {
+        ScoredBatch {
+            stage: "main".into(),
+            rollouts: (0..2 * groups)
+                .map(|i| Rollout {
+                    group_id: format!("g{}", i / 2),
+                    sample_index: (i % 2) as u32,
+                    group_size: 2,
+                    tokens: vec![1, 2, 3],
+                    behaviour_log_probs: vec![-1.0; 3],
+                    scores: [(
+                        "quality".to_owned(),
+                        encore_proto::v1::Score {
+                            value: 3.0,
+                            details: None,
+                        },
+                    )]
+                    .into(),
+                    ..Rollout::default()
+                })
+                .collect(),
+            ..ScoredBatch::default()
+        }
+    }
+
+    #[test]
+    fn malformed_batches_are_dropped_as_invalid_with_their_rollouts() {
+        let specs = reward_specs(&Stage {
+            name: "main".into(),
+            rewards: vec![encore_proto::v1::RewardConfig {
+                model: Some(encore_proto::v1::ModelRef {
+                    name: "quality".into(),
+                    ..Default::default()
+                }),
+                weight: 1.0,
+                normalization: None,
+            }],
+            stop: None,
+        })
+        .unwrap();
+        let check = |batch: &ScoredBatch| {
+            let entry = QueueEntry {
+                id: "1-0".parse().unwrap(),
+                payload: batch.encode_to_vec(),
+            };
+            usable(&entry, "main", &specs, 2, 0, 2).map(|b| b.rollouts.len())
+        };
+        assert_eq!(check(&scored_batch(2)), Ok(4));
+        let broken: [(&str, fn(&mut ScoredBatch)); 6] = [
+            ("missing score", |b| b.rollouts[1].scores.clear()),
+            ("NaN score", |b| {
+                b.rollouts[2].scores.get_mut("quality").unwrap().value = f64::NAN
+            }),
+            ("infinite score", |b| {
+                b.rollouts[0].scores.get_mut("quality").unwrap().value = f64::INFINITY
+            }),
+            ("short group", |b| {
+                b.rollouts.pop();
+            }),
+            ("groups mixed up", |b| b.rollouts.swap(1, 2)),
+            ("NaN log-prob", |b| {
+                b.rollouts[3].behaviour_log_probs[1] = f32::NAN
+            }),
+        ];
+        for (what, breaks) in broken {
+            let mut batch = scored_batch(2);
+            breaks(&mut batch);
+            let n = batch.rollouts.len() as u64;
+            assert_eq!(check(&batch), Err(("invalid", n)), "{what}");
         }
     }
 

@@ -35,7 +35,7 @@ use encore_proto::v1::{
     AlgorithmKind, Capabilities, DeviceKind, ErrorReason, GetManifestRequest, JobSpec, JobState,
     LearnerAssignment, MetricPoint, NormalizationKind as ProtoKind, PublishHeader,
     ReportProgressRequest, Resources, RewardStats, Role, Rollout, ScoredBatch, Stage, StageChange,
-    StopReason, WeightFormat, assignment,
+    StopCondition, StopReason, WeightFormat, assignment,
 };
 use encore_store::{EntryId, QueueEntry};
 use prost::Message;
@@ -298,6 +298,15 @@ impl Learner {
                 .await
                 .map_err(|e| LearnerError::Config(format!("loading the model: {e}")))??
         };
+        // Wall-time limits count from these (kept in the checkpoint, so a
+        // resumed rank counts from the job's start, not its own).
+        let started_ms = unix_ms();
+        if state.job_start_unix_ms == 0 {
+            state.job_start_unix_ms = started_ms;
+        }
+        if state.stage_start_unix_ms == 0 {
+            state.stage_start_unix_ms = started_ms;
+        }
         let consumer = format!("rank-{rank}");
         // Entries a crashed incarnation had taken and not acknowledged are
         // used again, first: the checkpoint predates them.
@@ -451,8 +460,15 @@ impl Learner {
                     .phase(job_id, Phase::Publish, publish_started.elapsed());
             }
             self.metrics.policy_version(job_id, state.policy_version);
-            let stop = stop_reason(&stage, &state, &recent);
             let last_stage = state.stage_index as usize + 1 >= plan.stages.len();
+            let stop = stop_reason(
+                &stage,
+                plan.job_stop.as_ref(),
+                last_stage,
+                &state,
+                &recent,
+                unix_ms(),
+            );
             let checkpoint_now = state.step % plan.checkpoint_every == 0 || stop.is_some();
             if checkpoint_now {
                 let checkpoint_started = Instant::now();
@@ -504,15 +520,17 @@ impl Learner {
                 let report_started = Instant::now();
                 let point =
                     metric_point(&state, &stage, &report, took, tokens, &staleness, &trainer);
-                let stage_change = match (stop, last_stage) {
-                    (Some(_), false) => Some(StageChange {
+                let stage_change = match stop {
+                    Some(Stop {
+                        ends_job: false, ..
+                    }) => Some(StageChange {
                         stage_index: state.stage_index + 1,
                         stage: plan.stages[state.stage_index as usize + 1].name.clone(),
                         step: state.step,
                     }),
                     _ => None,
                 };
-                let job_stop = if last_stage { stop } else { None };
+                let job_stop = stop.filter(|s| s.ends_job).map(|s| s.reason);
                 let answer = self
                     .report(membership, job_id, point, stage_change, job_stop)
                     .await?;
@@ -523,15 +541,18 @@ impl Learner {
                     return Ok(());
                 }
             }
-            match (stop, last_stage) {
-                (Some(_), true) => return Ok(()),
-                (Some(_), false) => {
+            match stop {
+                Some(Stop { ends_job: true, .. }) => return Ok(()),
+                Some(Stop {
+                    ends_job: false, ..
+                }) => {
                     state.stage_index += 1;
                     state.stage = plan.stages[state.stage_index as usize].name.clone();
                     state.stage_start_step = state.step;
+                    state.stage_start_unix_ms = unix_ms();
                     recent.clear();
                 }
-                (None, _) => {}
+                None => {}
             }
             if cancel.is_cancelled() {
                 return Err(LearnerError::Cancelled);
@@ -644,6 +665,9 @@ fn superseded(status: &tonic::Status) -> bool {
 #[derive(Debug, Clone)]
 struct Plan {
     stages: Vec<Stage>,
+    /// The job's own stop condition, next to each stage's (a job with
+    /// explicit stages; without, it is the one stage's).
+    job_stop: Option<StopCondition>,
     k: usize,
     batch_size: usize,
     max_staleness: u64,
@@ -679,6 +703,7 @@ impl Plan {
         }
         Ok(Self {
             stages: spec.stages.clone(),
+            job_stop: spec.stop,
             k: algorithm.samples_per_prompt.max(2) as usize,
             batch_size: algorithm.batch_size.max(1) as usize,
             max_staleness: u64::from(algorithm.max_staleness.unwrap_or(2)),
@@ -881,26 +906,81 @@ fn usable(
     Ok(batch)
 }
 
-/// Which stop condition of `stage` holds after the step, if any.
+/// A stop condition that holds after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stop {
+    reason: StopReason,
+    /// The job ends (its own condition, or the last stage's); otherwise
+    /// the next stage begins.
+    ends_job: bool,
+}
+
+/// Which stop condition holds after the step, if any: the job's own
+/// (`job_stop`: its steps count over all stages, its wall time from the
+/// job's start), then `stage`'s (counting from the stage's start). `now_ms`
+/// is the time in milliseconds since the Unix epoch.
 fn stop_reason(
     stage: &Stage,
+    job_stop: Option<&StopCondition>,
+    last_stage: bool,
     state: &LearnerCheckpoint,
     recent: &VecDeque<f64>,
-) -> Option<StopReason> {
+    now_ms: u64,
+) -> Option<Stop> {
+    let ends_job = |reason| {
+        Some(Stop {
+            reason,
+            ends_job: true,
+        })
+    };
+    if let Some(stop) = job_stop {
+        if stop.max_steps.is_some_and(|max| state.step >= max) {
+            return ends_job(StopReason::MaxSteps);
+        }
+        if past(stop.max_wall_time.as_ref(), state.job_start_unix_ms, now_ms) {
+            return ends_job(StopReason::WallTime);
+        }
+    }
     let stop = stage.stop.as_ref()?;
-    if stop
+    let target_met = stop.target_reward.is_some_and(|target| {
+        let window = stop.target_window.max(1) as usize;
+        recent.len() >= window && recent.iter().sum::<f64>() / recent.len() as f64 >= target
+    });
+    let reason = if stop
         .max_steps
         .is_some_and(|max| state.step - state.stage_start_step >= max)
     {
-        return Some(StopReason::MaxSteps);
-    }
-    if let Some(target) = stop.target_reward {
-        let window = stop.target_window.max(1) as usize;
-        if recent.len() >= window && recent.iter().sum::<f64>() / recent.len() as f64 >= target {
-            return Some(StopReason::TargetReward);
-        }
-    }
-    None
+        StopReason::MaxSteps
+    } else if target_met {
+        StopReason::TargetReward
+    } else if past(
+        stop.max_wall_time.as_ref(),
+        state.stage_start_unix_ms,
+        now_ms,
+    ) {
+        StopReason::WallTime
+    } else {
+        return None;
+    };
+    Some(Stop {
+        reason,
+        ends_job: last_stage,
+    })
+}
+
+/// Whether `limit` (none: no limit) has passed between `since_ms` and
+/// `now_ms`.
+fn past(limit: Option<&prost_types::Duration>, since_ms: u64, now_ms: u64) -> bool {
+    limit
+        .and_then(|d| Duration::try_from(*d).ok())
+        .is_some_and(|d| u128::from(now_ms.saturating_sub(since_ms)) >= d.as_millis())
+}
+
+/// Milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The metric point of a step (`MetricPoint`).
@@ -969,6 +1049,53 @@ mod tests {
             id: id.parse().unwrap(),
             payload: Vec::new(),
         }
+    }
+
+    #[test]
+    fn the_jobs_own_stop_and_wall_times_end_stages_and_jobs() {
+        let secs = |seconds| Some(prost_types::Duration { seconds, nanos: 0 });
+        let stage = Stage {
+            name: "R".into(),
+            rewards: Vec::new(),
+            stop: Some(StopCondition {
+                max_steps: Some(100),
+                max_wall_time: secs(2),
+                ..StopCondition::default()
+            }),
+        };
+        let state = LearnerCheckpoint {
+            step: 5,
+            stage_start_step: 2,
+            job_start_unix_ms: 1_000,
+            stage_start_unix_ms: 4_000,
+            ..LearnerCheckpoint::default()
+        };
+        let recent = VecDeque::new();
+        let at = |job_stop: Option<&StopCondition>, last_stage, now_ms| {
+            stop_reason(&stage, job_stop, last_stage, &state, &recent, now_ms)
+        };
+        let stop = |reason, ends_job| Some(Stop { reason, ends_job });
+        // The stage's wall time counts from the stage's start.
+        assert_eq!(at(None, false, 5_999), None);
+        assert_eq!(at(None, false, 6_000), stop(StopReason::WallTime, false));
+        assert_eq!(at(None, true, 6_000), stop(StopReason::WallTime, true));
+        // The job's own bounds end the job in any stage: steps over all
+        // stages, wall time from the job's start.
+        let job = StopCondition {
+            max_steps: Some(5),
+            ..StopCondition::default()
+        };
+        assert_eq!(at(Some(&job), false, 0), stop(StopReason::MaxSteps, true));
+        let job = StopCondition {
+            max_steps: Some(6),
+            max_wall_time: secs(3),
+            ..StopCondition::default()
+        };
+        assert_eq!(at(Some(&job), false, 3_999), None);
+        assert_eq!(
+            at(Some(&job), false, 4_000),
+            stop(StopReason::WallTime, true)
+        );
     }
 
     /// A batch of `groups` groups of 2 rollouts scored by "quality".

@@ -18,7 +18,7 @@ use encore_proto::v1::job_service_client::JobServiceClient;
 use encore_proto::v1::{
     Algorithm, JobResources, JobSpec, JobState, ModelRef, Normalization, NormalizationKind,
     PolicyVersion, Prompt, PromptList, PromptSource, RewardConfig, Rollout, SamplingParams, Score,
-    ScoredBatch, StopCondition, SubmitJobRequest, WatchJobRequest, job_event, prompt_source,
+    ScoredBatch, Stage, StopCondition, SubmitJobRequest, WatchJobRequest, job_event, prompt_source,
 };
 use encore_raters::generate::{self, GenConfig};
 use encore_reward::train::{self, TrainConfig};
@@ -37,7 +37,7 @@ const CLIENT: &str = "client-token";
 const STEPS: u64 = 6;
 
 fn spec(base: &std::path::Path, shape: Shape) -> JobSpec {
-    JobSpec {
+    let mut spec = JobSpec {
         name: "rl loop test".into(),
         base_checkpoint: Some(ModelRef {
             name: "tiny".into(),
@@ -96,7 +96,9 @@ fn spec(base: &std::path::Path, shape: Shape) -> JobSpec {
         }),
         checkpoint_every_steps: shape.checkpoint_every,
         ..JobSpec::default()
-    }
+    };
+    (shape.edit)(&mut spec);
+    spec
 }
 
 /// The size of a test job.
@@ -121,6 +123,8 @@ struct Shape {
     /// The coordinator on the embedded store (workers reach the queue
     /// through its RolloutQueueService) instead of Redis.
     embedded: bool,
+    /// Changes the test's spec before it is submitted.
+    edit: fn(&mut JobSpec),
 }
 
 impl Shape {
@@ -139,6 +143,7 @@ impl Shape {
             checkpoint_every: 2,
             queue_max_batches: 64,
             embedded: false,
+            edit: |_| {},
         }
     }
 }
@@ -980,4 +985,61 @@ async fn malformed_batches_are_dropped_as_invalid_and_the_job_goes_on() {
         last.dropped_by_reason
     );
     outcome.assert_every_rollout_accounted_for();
+}
+
+/// `max_wall_time` ends a job: here 2 s, long before its 60 steps.
+#[tokio::test]
+async fn a_job_stops_at_its_wall_time() {
+    let outcome = run_job(
+        Shape {
+            edit: |spec| {
+                let stop = spec.stop.as_mut().unwrap();
+                stop.max_steps = Some(60);
+                stop.max_wall_time = Some(prost_types::Duration {
+                    seconds: 2,
+                    nanos: 0,
+                });
+            },
+            ..Shape::small(60)
+        },
+        Fault::None,
+    )
+    .await;
+    assert_eq!(outcome.end, Some(JobState::Succeeded as i32));
+    assert_eq!(outcome.failure, "stopped: STOP_REASON_WALL_TIME");
+    let steps = outcome.points.len() as u64;
+    assert!((1..60).contains(&steps), "{steps} steps");
+    println!("stopped at its wall time of 2 s after {steps} steps");
+}
+
+/// A job with stages stops on its own `spec.stop` too: here after 3 steps
+/// in the first of two stages of 20 steps each.
+#[tokio::test]
+async fn the_jobs_own_stop_condition_ends_a_staged_job() {
+    let outcome = run_job(
+        Shape {
+            edit: |spec| {
+                let stage = |name: &str| Stage {
+                    name: name.into(),
+                    rewards: spec.rewards.clone(),
+                    stop: Some(StopCondition {
+                        max_steps: Some(20),
+                        ..StopCondition::default()
+                    }),
+                };
+                spec.stages = vec![stage("A"), stage("B")];
+                spec.rewards.clear();
+                spec.stop = Some(StopCondition {
+                    max_steps: Some(3),
+                    ..StopCondition::default()
+                });
+            },
+            ..Shape::small(40)
+        },
+        Fault::None,
+    )
+    .await;
+    outcome.assert_succeeded_after(3);
+    assert_eq!(outcome.failure, "stopped: STOP_REASON_MAX_STEPS");
+    assert!(outcome.points.iter().all(|p| p.stage == "A"));
 }

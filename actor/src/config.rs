@@ -27,6 +27,9 @@ pub struct Config {
     /// (`actor-<host>-<random>`).
     pub instance_id: String,
     /// Address of the admin HTTP server: `/metrics`, `/healthz`, `/readyz`.
+    /// Port 0 (the default) picks a free port, logged at start-up, so that
+    /// several actors can run on one machine; a deployment that scrapes
+    /// them sets a fixed one (deploy/ uses 9471).
     pub admin: SocketAddr,
     /// Device to sample on: `cpu`, `cuda` or `cuda:N`.
     pub device: String,
@@ -55,7 +58,7 @@ impl Default for Config {
             worker_token: None,
             worker_token_file: None,
             instance_id: String::new(),
-            admin: SocketAddr::from(([127, 0, 0, 1], 9471)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             device: "cpu".into(),
             work_dir: PathBuf::from("runs/actor"),
             queue_max_batches: 64,
@@ -139,7 +142,7 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
-    /// Admin HTTP address [default: 127.0.0.1:9471].
+    /// Admin HTTP address [default: 127.0.0.1:0, a free port].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin: Option<SocketAddr>,

@@ -57,6 +57,16 @@ pub struct LearnerCheckpoint {
     /// count from it).
     #[serde(default)]
     pub stage_start_step: u64,
+    /// When training of the job began, in milliseconds since the Unix
+    /// epoch: the job's `max_wall_time` counts from it. 0 (a checkpoint
+    /// written before it was kept) means unknown: the resumed rank counts
+    /// from its own start.
+    #[serde(default)]
+    pub job_start_unix_ms: u64,
+    /// When the current stage began, likewise: the stage's `max_wall_time`
+    /// counts from it.
+    #[serde(default)]
+    pub stage_start_unix_ms: u64,
     /// Latest published policy version.
     pub policy_version: u64,
     /// Running reward statistics, per stage and reward.
@@ -344,6 +354,8 @@ mod tests {
             stage_index: 1,
             stage: "R".into(),
             stage_start_step: step / 3,
+            job_start_unix_ms: 1_712_345_678_901,
+            stage_start_unix_ms: 1_712_345_679_901 + step,
             policy_version: step / 2,
             normalizer,
             queue_position: Some(format!("1712345678901-{step}")),

@@ -26,6 +26,9 @@ pub struct Config {
     /// This process incarnation's id; empty draws one at start-up.
     pub instance_id: String,
     /// Address of the admin HTTP server: `/metrics`, `/healthz`, `/readyz`.
+    /// Port 0 (the default) picks a free port, logged at start-up, so that
+    /// several learner ranks can run on one machine; a deployment that scrapes
+    /// them sets a fixed one (deploy/ uses 9481).
     pub admin: SocketAddr,
     /// Address the collective listener binds (port 0 picks a free port).
     pub listen: SocketAddr,
@@ -49,7 +52,7 @@ impl Default for Config {
             worker_token: None,
             worker_token_file: None,
             instance_id: String::new(),
-            admin: SocketAddr::from(([127, 0, 0, 1], 9481)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise: String::new(),
             device: "cpu".into(),
@@ -137,7 +140,7 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
-    /// Admin HTTP address [default: 127.0.0.1:9481].
+    /// Admin HTTP address [default: 127.0.0.1:0, a free port].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin: Option<SocketAddr>,

@@ -8,7 +8,8 @@
 //!   │  incarnation had taken but not acknowledged
 //!   └─ per step: read this rank's share (whole ScoredBatches) from the queue
 //!        ├─ drop on purpose, counted: stale (older than max_staleness
-//!        │  versions), another stage, undecodable
+//!        │  versions), another stage, undecodable or malformed (a score
+//!        │  missing or not finite, a short group)
 //!        ├─ Trainer::step (all-reduce, AdamW)             [step.rs]
 //!        ├─ rank 0: publish weights every publish_every_steps,
 //!        │  report the metric point (ClusterService.ReportProgress)
@@ -31,10 +32,10 @@ use encore_coordinator::member::{
 use encore_coordinator::weights::client::{PublishData, PublishError, publish};
 use encore_model::TrainablePolicy;
 use encore_proto::v1::{
-    AlgorithmKind, Capabilities, DeviceKind, GetManifestRequest, JobSpec, JobState,
+    AlgorithmKind, Capabilities, DeviceKind, ErrorReason, GetManifestRequest, JobSpec, JobState,
     LearnerAssignment, MetricPoint, NormalizationKind as ProtoKind, PublishHeader,
     ReportProgressRequest, Resources, RewardStats, Role, Rollout, ScoredBatch, Stage, StageChange,
-    StopReason, WeightFormat, assignment,
+    StopCondition, StopReason, WeightFormat, assignment,
 };
 use encore_store::{EntryId, QueueEntry};
 use prost::Message;
@@ -297,6 +298,15 @@ impl Learner {
                 .await
                 .map_err(|e| LearnerError::Config(format!("loading the model: {e}")))??
         };
+        // Wall-time limits count from these (kept in the checkpoint, so a
+        // resumed rank counts from the job's start, not its own).
+        let started_ms = unix_ms();
+        if state.job_start_unix_ms == 0 {
+            state.job_start_unix_ms = started_ms;
+        }
+        if state.stage_start_unix_ms == 0 {
+            state.stage_start_unix_ms = started_ms;
+        }
         let consumer = format!("rank-{rank}");
         // Entries a crashed incarnation had taken and not acknowledged are
         // used again, first: the checkpoint predates them.
@@ -364,6 +374,8 @@ impl Learner {
                 match usable(
                     &entry,
                     &stage.name,
+                    &specs,
+                    plan.k,
                     state.policy_version,
                     plan.max_staleness,
                 ) {
@@ -448,8 +460,15 @@ impl Learner {
                     .phase(job_id, Phase::Publish, publish_started.elapsed());
             }
             self.metrics.policy_version(job_id, state.policy_version);
-            let stop = stop_reason(&stage, &state, &recent);
             let last_stage = state.stage_index as usize + 1 >= plan.stages.len();
+            let stop = stop_reason(
+                &stage,
+                plan.job_stop.as_ref(),
+                last_stage,
+                &state,
+                &recent,
+                unix_ms(),
+            );
             let checkpoint_now = state.step % plan.checkpoint_every == 0 || stop.is_some();
             if checkpoint_now {
                 let checkpoint_started = Instant::now();
@@ -501,15 +520,17 @@ impl Learner {
                 let report_started = Instant::now();
                 let point =
                     metric_point(&state, &stage, &report, took, tokens, &staleness, &trainer);
-                let stage_change = match (stop, last_stage) {
-                    (Some(_), false) => Some(StageChange {
+                let stage_change = match stop {
+                    Some(Stop {
+                        ends_job: false, ..
+                    }) => Some(StageChange {
                         stage_index: state.stage_index + 1,
                         stage: plan.stages[state.stage_index as usize + 1].name.clone(),
                         step: state.step,
                     }),
                     _ => None,
                 };
-                let job_stop = if last_stage { stop } else { None };
+                let job_stop = stop.filter(|s| s.ends_job).map(|s| s.reason);
                 let answer = self
                     .report(membership, job_id, point, stage_change, job_stop)
                     .await?;
@@ -520,15 +541,18 @@ impl Learner {
                     return Ok(());
                 }
             }
-            match (stop, last_stage) {
-                (Some(_), true) => return Ok(()),
-                (Some(_), false) => {
+            match stop {
+                Some(Stop { ends_job: true, .. }) => return Ok(()),
+                Some(Stop {
+                    ends_job: false, ..
+                }) => {
                     state.stage_index += 1;
                     state.stage = plan.stages[state.stage_index as usize].name.clone();
                     state.stage_start_step = state.step;
+                    state.stage_start_unix_ms = unix_ms();
                     recent.clear();
                 }
-                (None, _) => {}
+                None => {}
             }
             if cancel.is_cancelled() {
                 return Err(LearnerError::Cancelled);
@@ -593,11 +617,7 @@ impl Learner {
             }
             // Already above this version (a resumed rank 0 publishing again):
             // the committed one stands.
-            Err(PublishError::Status(status))
-                if status.code() == tonic::Code::FailedPrecondition =>
-            {
-                Ok(())
-            }
+            Err(PublishError::Status(status)) if superseded(&status) => Ok(()),
             Err(e) => Err(LearnerError::Config(format!(
                 "publishing version {version}: {e}"
             ))),
@@ -631,10 +651,23 @@ impl Learner {
     }
 }
 
+/// Whether a refused Publish only says that a later version is already
+/// committed (VERSION_NOT_MONOTONIC: a resumed rank 0 publishing a version
+/// again), so the committed one stands. Other refusals with the same code
+/// (the job has ended, this member is no longer rank 0 or its lease
+/// expired) are failures.
+fn superseded(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition
+        && encore_proto::status::reason_of(status) == ErrorReason::VersionNotMonotonic
+}
+
 /// What a job's spec says about training, in the learner's terms.
 #[derive(Debug, Clone)]
 struct Plan {
     stages: Vec<Stage>,
+    /// The job's own stop condition, next to each stage's (a job with
+    /// explicit stages; without, it is the one stage's).
+    job_stop: Option<StopCondition>,
     k: usize,
     batch_size: usize,
     max_staleness: u64,
@@ -670,6 +703,7 @@ impl Plan {
         }
         Ok(Self {
             stages: spec.stages.clone(),
+            job_stop: spec.stop,
             k: algorithm.samples_per_prompt.max(2) as usize,
             batch_size: algorithm.batch_size.max(1) as usize,
             max_staleness: u64::from(algorithm.max_staleness.unwrap_or(2)),
@@ -821,10 +855,15 @@ fn reward_specs(stage: &Stage) -> Result<Vec<RewardSpec>, LearnerError> {
 }
 
 /// The batch in `entry` if it may be trained on, else why not and how many
-/// rollouts are dropped.
+/// rollouts are dropped. A malformed batch (a score of the stage missing or
+/// not finite, a group short of `k` samples, tokens without their
+/// log-probs) is dropped as `invalid` here, so that one bad batch costs its
+/// own rollouts rather than failing every attempt at the step it would join.
 fn usable(
     entry: &QueueEntry,
     stage: &str,
+    specs: &[RewardSpec],
+    k: usize,
     latest: u64,
     max_staleness: u64,
 ) -> Result<ScoredBatch, (&'static str, u64)> {
@@ -845,36 +884,103 @@ fn usable(
     if latest.saturating_sub(oldest) > max_staleness {
         return Err(("stale", n));
     }
-    if batch
-        .rollouts
-        .iter()
-        .any(|r| r.tokens.is_empty() || r.tokens.len() != r.behaviour_log_probs.len())
-    {
+    let malformed = |r: &Rollout| {
+        r.tokens.is_empty()
+            || r.tokens.len() != r.behaviour_log_probs.len()
+            || r.behaviour_log_probs.iter().any(|lp| !lp.is_finite())
+            || specs.iter().any(|spec| {
+                r.scores
+                    .get(&spec.model)
+                    .is_none_or(|score| !score.value.is_finite())
+            })
+    };
+    // Whole groups of k, adjacent: the leave-one-out baseline needs them.
+    let whole_groups = batch.rollouts.len().is_multiple_of(k)
+        && batch
+            .rollouts
+            .chunks(k)
+            .all(|g| g.iter().all(|r| r.group_id == g[0].group_id));
+    if !whole_groups || batch.rollouts.iter().any(malformed) {
         return Err(("invalid", n));
     }
     Ok(batch)
 }
 
-/// Which stop condition of `stage` holds after the step, if any.
+/// A stop condition that holds after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stop {
+    reason: StopReason,
+    /// The job ends (its own condition, or the last stage's); otherwise
+    /// the next stage begins.
+    ends_job: bool,
+}
+
+/// Which stop condition holds after the step, if any: the job's own
+/// (`job_stop`: its steps count over all stages, its wall time from the
+/// job's start), then `stage`'s (counting from the stage's start). `now_ms`
+/// is the time in milliseconds since the Unix epoch.
 fn stop_reason(
     stage: &Stage,
+    job_stop: Option<&StopCondition>,
+    last_stage: bool,
     state: &LearnerCheckpoint,
     recent: &VecDeque<f64>,
-) -> Option<StopReason> {
+    now_ms: u64,
+) -> Option<Stop> {
+    let ends_job = |reason| {
+        Some(Stop {
+            reason,
+            ends_job: true,
+        })
+    };
+    if let Some(stop) = job_stop {
+        if stop.max_steps.is_some_and(|max| state.step >= max) {
+            return ends_job(StopReason::MaxSteps);
+        }
+        if past(stop.max_wall_time.as_ref(), state.job_start_unix_ms, now_ms) {
+            return ends_job(StopReason::WallTime);
+        }
+    }
     let stop = stage.stop.as_ref()?;
-    if stop
+    let target_met = stop.target_reward.is_some_and(|target| {
+        let window = stop.target_window.max(1) as usize;
+        recent.len() >= window && recent.iter().sum::<f64>() / recent.len() as f64 >= target
+    });
+    let reason = if stop
         .max_steps
         .is_some_and(|max| state.step - state.stage_start_step >= max)
     {
-        return Some(StopReason::MaxSteps);
-    }
-    if let Some(target) = stop.target_reward {
-        let window = stop.target_window.max(1) as usize;
-        if recent.len() >= window && recent.iter().sum::<f64>() / recent.len() as f64 >= target {
-            return Some(StopReason::TargetReward);
-        }
-    }
-    None
+        StopReason::MaxSteps
+    } else if target_met {
+        StopReason::TargetReward
+    } else if past(
+        stop.max_wall_time.as_ref(),
+        state.stage_start_unix_ms,
+        now_ms,
+    ) {
+        StopReason::WallTime
+    } else {
+        return None;
+    };
+    Some(Stop {
+        reason,
+        ends_job: last_stage,
+    })
+}
+
+/// Whether `limit` (none: no limit) has passed between `since_ms` and
+/// `now_ms`.
+fn past(limit: Option<&prost_types::Duration>, since_ms: u64, now_ms: u64) -> bool {
+    limit
+        .and_then(|d| Duration::try_from(*d).ok())
+        .is_some_and(|d| u128::from(now_ms.saturating_sub(since_ms)) >= d.as_millis())
+}
+
+/// Milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The metric point of a step (`MetricPoint`).
@@ -946,6 +1052,126 @@ mod tests {
     }
 
     #[test]
+    fn the_jobs_own_stop_and_wall_times_end_stages_and_jobs() {
+        let secs = |seconds| Some(prost_types::Duration { seconds, nanos: 0 });
+        let stage = Stage {
+            name: "R".into(),
+            rewards: Vec::new(),
+            stop: Some(StopCondition {
+                max_steps: Some(100),
+                max_wall_time: secs(2),
+                ..StopCondition::default()
+            }),
+        };
+        let state = LearnerCheckpoint {
+            step: 5,
+            stage_start_step: 2,
+            job_start_unix_ms: 1_000,
+            stage_start_unix_ms: 4_000,
+            ..LearnerCheckpoint::default()
+        };
+        let recent = VecDeque::new();
+        let at = |job_stop: Option<&StopCondition>, last_stage, now_ms| {
+            stop_reason(&stage, job_stop, last_stage, &state, &recent, now_ms)
+        };
+        let stop = |reason, ends_job| Some(Stop { reason, ends_job });
+        // The stage's wall time counts from the stage's start.
+        assert_eq!(at(None, false, 5_999), None);
+        assert_eq!(at(None, false, 6_000), stop(StopReason::WallTime, false));
+        assert_eq!(at(None, true, 6_000), stop(StopReason::WallTime, true));
+        // The job's own bounds end the job in any stage: steps over all
+        // stages, wall time from the job's start.
+        let job = StopCondition {
+            max_steps: Some(5),
+            ..StopCondition::default()
+        };
+        assert_eq!(at(Some(&job), false, 0), stop(StopReason::MaxSteps, true));
+        let job = StopCondition {
+            max_steps: Some(6),
+            max_wall_time: secs(3),
+            ..StopCondition::default()
+        };
+        assert_eq!(at(Some(&job), false, 3_999), None);
+        assert_eq!(
+            at(Some(&job), false, 4_000),
+            stop(StopReason::WallTime, true)
+        );
+    }
+
+    /// A batch of `groups` groups of 2 rollouts scored by "quality".
+    fn scored_batch(groups: usize) -> ScoredBatch {
+        ScoredBatch {
+            stage: "main".into(),
+            rollouts: (0..2 * groups)
+                .map(|i| Rollout {
+                    group_id: format!("g{}", i / 2),
+                    sample_index: (i % 2) as u32,
+                    group_size: 2,
+                    tokens: vec![1, 2, 3],
+                    behaviour_log_probs: vec![-1.0; 3],
+                    scores: [(
+                        "quality".to_owned(),
+                        encore_proto::v1::Score {
+                            value: 3.0,
+                            details: None,
+                        },
+                    )]
+                    .into(),
+                    ..Rollout::default()
+                })
+                .collect(),
+            ..ScoredBatch::default()
+        }
+    }
+
+    #[test]
+    fn malformed_batches_are_dropped_as_invalid_with_their_rollouts() {
+        let specs = reward_specs(&Stage {
+            name: "main".into(),
+            rewards: vec![encore_proto::v1::RewardConfig {
+                model: Some(encore_proto::v1::ModelRef {
+                    name: "quality".into(),
+                    ..Default::default()
+                }),
+                weight: 1.0,
+                normalization: None,
+            }],
+            stop: None,
+        })
+        .unwrap();
+        let check = |batch: &ScoredBatch| {
+            let entry = QueueEntry {
+                id: "1-0".parse().unwrap(),
+                payload: batch.encode_to_vec(),
+            };
+            usable(&entry, "main", &specs, 2, 0, 2).map(|b| b.rollouts.len())
+        };
+        assert_eq!(check(&scored_batch(2)), Ok(4));
+        let broken: [(&str, fn(&mut ScoredBatch)); 6] = [
+            ("missing score", |b| b.rollouts[1].scores.clear()),
+            ("NaN score", |b| {
+                b.rollouts[2].scores.get_mut("quality").unwrap().value = f64::NAN
+            }),
+            ("infinite score", |b| {
+                b.rollouts[0].scores.get_mut("quality").unwrap().value = f64::INFINITY
+            }),
+            ("short group", |b| {
+                b.rollouts.pop();
+            }),
+            ("groups mixed up", |b| b.rollouts.swap(1, 2)),
+            ("NaN log-prob", |b| {
+                b.rollouts[3].behaviour_log_probs[1] = f32::NAN
+            }),
+        ];
+        for (what, breaks) in broken {
+            let mut batch = scored_batch(2);
+            breaks(&mut batch);
+            let n = batch.rollouts.len() as u64;
+            assert_eq!(check(&batch), Err(("invalid", n)), "{what}");
+        }
+    }
+
+    #[test]
     fn the_learning_rate_warms_up_linearly_then_holds() {
         let spec = JobSpec {
             stages: vec![Stage::default()],
@@ -973,6 +1199,40 @@ mod tests {
         .unwrap();
         assert_eq!(no_warmup.learning_rate_at(1), 1e-3);
         assert_eq!(no_warmup.epochs, 1, "REINFORCE takes one pass");
+    }
+
+    #[test]
+    fn only_a_later_committed_version_makes_a_refused_publish_a_success() {
+        use encore_coordinator::Error;
+        // As the coordinator answers them (its one conversion to a status).
+        let later = tonic::Status::from(Error::VersionNotMonotonic(
+            "header.version: 3 is not above 5".into(),
+        ));
+        assert!(superseded(&later), "{later:?}");
+        let refusals = [
+            Error::JobTerminal {
+                job_id: "j".into(),
+                state: "CANCELLED".into(),
+                action: "given new weight versions",
+            },
+            Error::NotAssigned {
+                member_id: "m".into(),
+                why: "is not rank 0 of job \"j\"'s learner".into(),
+            },
+            Error::LeaseExpired("m".into()),
+            Error::Store(encore_store::StoreError::LeaseExpired {
+                member_id: "m".into(),
+            }),
+        ];
+        for refusal in refusals {
+            let status = tonic::Status::from(refusal);
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+            assert!(!superseded(&status), "{status:?}");
+        }
+        // The code alone, without the reason, is not enough either.
+        assert!(!superseded(&tonic::Status::failed_precondition(
+            "not above the latest"
+        )));
     }
 
     #[test]

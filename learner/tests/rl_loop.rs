@@ -16,16 +16,17 @@ use encore_model::pretrain::PretrainConfig;
 use encore_model::{Preset, TrainablePolicy};
 use encore_proto::v1::job_service_client::JobServiceClient;
 use encore_proto::v1::{
-    Algorithm, JobResources, JobSpec, JobState, ModelRef, Normalization, NormalizationKind, Prompt,
-    PromptList, PromptSource, RewardConfig, SamplingParams, StopCondition, SubmitJobRequest,
-    WatchJobRequest, job_event, prompt_source,
+    Algorithm, JobResources, JobSpec, JobState, ModelRef, Normalization, NormalizationKind,
+    PolicyVersion, Prompt, PromptList, PromptSource, RewardConfig, Rollout, SamplingParams, Score,
+    ScoredBatch, Stage, StopCondition, SubmitJobRequest, WatchJobRequest, job_event, prompt_source,
 };
 use encore_raters::generate::{self, GenConfig};
 use encore_reward::train::{self, TrainConfig};
 use encore_reward::{ArchConfig, RewardConfig as ModelConfig, RewardKind, RewardModel};
 use encore_reward_server::{Config as RewardServerConfig, ServerBuilder};
-use encore_store::SystemClock;
+use encore_store::{AppendOutcome, SystemClock};
 use encore_testkit::RedisServer;
+use prost::Message;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -36,7 +37,7 @@ const CLIENT: &str = "client-token";
 const STEPS: u64 = 6;
 
 fn spec(base: &std::path::Path, shape: Shape) -> JobSpec {
-    JobSpec {
+    let mut spec = JobSpec {
         name: "rl loop test".into(),
         base_checkpoint: Some(ModelRef {
             name: "tiny".into(),
@@ -95,7 +96,9 @@ fn spec(base: &std::path::Path, shape: Shape) -> JobSpec {
         }),
         checkpoint_every_steps: shape.checkpoint_every,
         ..JobSpec::default()
-    }
+    };
+    (shape.edit)(&mut spec);
+    spec
 }
 
 /// The size of a test job.
@@ -120,6 +123,8 @@ struct Shape {
     /// The coordinator on the embedded store (workers reach the queue
     /// through its RolloutQueueService) instead of Redis.
     embedded: bool,
+    /// Changes the test's spec before it is submitted.
+    edit: fn(&mut JobSpec),
 }
 
 impl Shape {
@@ -138,6 +143,7 @@ impl Shape {
             checkpoint_every: 2,
             queue_max_batches: 64,
             embedded: false,
+            edit: |_| {},
         }
     }
 }
@@ -218,12 +224,15 @@ enum Fault {
     /// The job names a base checkpoint that does not exist: every attempt
     /// at training fails.
     MissingBase,
+    /// Malformed batches (a score missing, a NaN score, a group short of a
+    /// sample) are in the queue ahead of the actors' first batch.
+    MalformedBatches,
 }
 
 impl Fault {
     fn after(self) -> Option<u64> {
         match self {
-            Fault::None | Fault::MissingBase => None,
+            Fault::None | Fault::MissingBase | Fault::MalformedBatches => None,
             Fault::KillLearner { after }
             | Fault::KillActor { after }
             | Fault::RewardServerAway { after, .. } => Some(after),
@@ -252,6 +261,18 @@ struct Outcome {
 }
 
 impl Outcome {
+    /// The job succeeded, and reported steps 1 to `steps` once each.
+    fn assert_succeeded_after(&self, steps: u64) {
+        assert_eq!(
+            self.end,
+            Some(JobState::Succeeded as i32),
+            "{}",
+            self.failure
+        );
+        let reported: Vec<u64> = self.points.iter().map(|p| p.step).collect();
+        assert_eq!(reported, (1..=steps).collect::<Vec<_>>());
+    }
+
     /// Every rollout the actors produced was consumed, dropped on purpose
     /// (and counted), or is still in the queue; prints the balance.
     fn assert_every_rollout_accounted_for(&self) {
@@ -271,6 +292,72 @@ impl Outcome {
             self.left_in_queue
         );
     }
+}
+
+/// Appends three malformed batches of stage "main" to `job_id`'s queue, the
+/// way an actor appends (version 0, so that none is stale when read):
+/// one with a rollout's score missing, one with a NaN score, one whose group
+/// lacks a sample. Returns the rollouts appended.
+async fn inject_malformed_batches(store_uri: &str, job_id: &str) -> u64 {
+    let store = encore_store::open(store_uri, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let rollout = |group: &str, i: u32, quality: Option<f64>| Rollout {
+        rollout_id: format!("{group}-{i}"),
+        job_id: job_id.to_owned(),
+        group_id: group.to_owned(),
+        sample_index: i,
+        group_size: 2,
+        tokens: vec![1, 2, 3, 4, 5],
+        behaviour_log_probs: vec![-2.0; 5],
+        policy_version: Some(PolicyVersion {
+            job_id: job_id.to_owned(),
+            version: 0,
+            sha256: String::new(),
+        }),
+        scores: quality
+            .map(|value| {
+                (
+                    "quality".to_owned(),
+                    Score {
+                        value,
+                        details: None,
+                    },
+                )
+            })
+            .into_iter()
+            .collect(),
+        ..Rollout::default()
+    };
+    let batches = [
+        vec![
+            rollout("missing", 0, Some(3.0)),
+            rollout("missing", 1, None),
+        ],
+        vec![
+            rollout("nan", 0, Some(f64::NAN)),
+            rollout("nan", 1, Some(2.0)),
+        ],
+        vec![rollout("short", 0, Some(3.0))],
+    ];
+    let mut appended = 0;
+    for (i, rollouts) in batches.into_iter().enumerate() {
+        appended += rollouts.len() as u64;
+        let batch = ScoredBatch {
+            batch_id: format!("malformed-{i}"),
+            job_id: job_id.to_owned(),
+            stage: "main".into(),
+            actor_id: "test".into(),
+            rollouts,
+            create_time: None,
+        };
+        let outcome = store
+            .queue_append(job_id, batch.encode_to_vec(), 1_000)
+            .await
+            .unwrap();
+        assert!(matches!(outcome, AppendOutcome::Appended(_)), "{outcome:?}");
+    }
+    appended
 }
 
 /// A learner rank: a task in this process, or an `encore-learner` process.
@@ -471,6 +558,11 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
         .job
         .unwrap()
         .job_id;
+    let injected_rollouts = if fault == Fault::MalformedBatches {
+        inject_malformed_batches(&store_uri, &job_id).await
+    } else {
+        0
+    };
     let mut watch = jobs
         .watch(WatchJobRequest {
             job_id: job_id.clone(),
@@ -494,7 +586,7 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
                     }
                     injected = true;
                     match fault {
-                        Fault::None | Fault::MissingBase => {}
+                        Fault::None | Fault::MissingBase | Fault::MalformedBatches => {}
                         Fault::KillLearner { .. } => {
                             learners.remove(0).kill().await;
                             learners.insert(0, learner());
@@ -559,7 +651,7 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
             .map(|m| m.get_counter().get_value() as u64 + m.get_histogram().get_sample_count())
             .sum()
     };
-    let produced = counter("encore_actor_batches_total", None) * per_batch;
+    let produced = counter("encore_actor_batches_total", None) * per_batch + injected_rollouts;
     let unavailable_score_calls = counter(
         "encore_actor_reward_call_seconds",
         Some(("code", "UNAVAILABLE")),
@@ -713,14 +805,7 @@ async fn on_the_embedded_store_a_learner_process_uses_the_coordinators_queue() {
     )
     .await;
     assert!(outcome.store.starts_with("embedded://"));
-    assert_eq!(
-        outcome.end,
-        Some(JobState::Succeeded as i32),
-        "{}",
-        outcome.failure
-    );
-    let steps: Vec<u64> = outcome.points.iter().map(|p| p.step).collect();
-    assert_eq!(steps, (1..=STEPS_EMBEDDED).collect::<Vec<_>>());
+    outcome.assert_succeeded_after(STEPS_EMBEDDED);
     outcome.assert_every_rollout_accounted_for();
 }
 
@@ -882,4 +967,79 @@ async fn a_checkpoint_interval_longer_than_the_queue_bound_does_not_stall() {
     assert_eq!(outcome.end, Some(JobState::Succeeded as i32));
     let steps: Vec<u64> = outcome.points.iter().map(|p| p.step).collect();
     assert_eq!(steps, (1..=STEPS_LONG).collect::<Vec<_>>());
+}
+
+/// Malformed batches in the queue (a score missing, a NaN score, a group
+/// short of a sample) are dropped as `invalid` and counted; the job trains
+/// on the rest and succeeds.
+#[tokio::test]
+async fn malformed_batches_are_dropped_as_invalid_and_the_job_goes_on() {
+    const STEPS_MALFORMED: u64 = 4;
+    let outcome = run_job(Shape::small(STEPS_MALFORMED), Fault::MalformedBatches).await;
+    outcome.assert_succeeded_after(STEPS_MALFORMED);
+    let last = outcome.points.last().unwrap();
+    assert_eq!(
+        last.dropped_by_reason.get("invalid").copied(),
+        Some(5),
+        "the 5 rollouts of the 3 malformed batches: {:?}",
+        last.dropped_by_reason
+    );
+    outcome.assert_every_rollout_accounted_for();
+}
+
+/// `max_wall_time` ends a job: here 2 s, long before its 60 steps.
+#[tokio::test]
+async fn a_job_stops_at_its_wall_time() {
+    let outcome = run_job(
+        Shape {
+            edit: |spec| {
+                let stop = spec.stop.as_mut().unwrap();
+                stop.max_steps = Some(60);
+                stop.max_wall_time = Some(prost_types::Duration {
+                    seconds: 2,
+                    nanos: 0,
+                });
+            },
+            ..Shape::small(60)
+        },
+        Fault::None,
+    )
+    .await;
+    assert_eq!(outcome.end, Some(JobState::Succeeded as i32));
+    assert_eq!(outcome.failure, "stopped: STOP_REASON_WALL_TIME");
+    let steps = outcome.points.len() as u64;
+    assert!((1..60).contains(&steps), "{steps} steps");
+    println!("stopped at its wall time of 2 s after {steps} steps");
+}
+
+/// A job with stages stops on its own `spec.stop` too: here after 3 steps
+/// in the first of two stages of 20 steps each.
+#[tokio::test]
+async fn the_jobs_own_stop_condition_ends_a_staged_job() {
+    let outcome = run_job(
+        Shape {
+            edit: |spec| {
+                let stage = |name: &str| Stage {
+                    name: name.into(),
+                    rewards: spec.rewards.clone(),
+                    stop: Some(StopCondition {
+                        max_steps: Some(20),
+                        ..StopCondition::default()
+                    }),
+                };
+                spec.stages = vec![stage("A"), stage("B")];
+                spec.rewards.clear();
+                spec.stop = Some(StopCondition {
+                    max_steps: Some(3),
+                    ..StopCondition::default()
+                });
+            },
+            ..Shape::small(40)
+        },
+        Fault::None,
+    )
+    .await;
+    outcome.assert_succeeded_after(3);
+    assert_eq!(outcome.failure, "stopped: STOP_REASON_MAX_STEPS");
+    assert!(outcome.points.iter().all(|p| p.stage == "A"));
 }

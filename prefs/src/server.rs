@@ -23,7 +23,9 @@ pub const SECTION: &str = "prefs";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// gRPC address (PreferenceService, health).
+    /// gRPC address (PreferenceService, health). Its default, 50071, is
+    /// its own: the reward server's is 50061, and both may run on one
+    /// machine.
     pub listen: SocketAddr,
     /// HTTP address of the page and its API.
     pub http: SocketAddr,
@@ -54,7 +56,7 @@ impl Default for Config {
     fn default() -> Self {
         let limits = Limits::default();
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 50061)),
+            listen: SocketAddr::from(([127, 0, 0, 1], 50071)),
             http: SocketAddr::from(([127, 0, 0, 1], 8090)),
             admin: SocketAddr::from(([127, 0, 0, 1], 9491)),
             store: "embedded://runs/prefs/store".into(),
@@ -86,7 +88,7 @@ pub struct Flags {
     #[arg(long, default_value = "text")]
     #[serde(skip)]
     pub log_format: encore_telemetry::LogFormat,
-    /// gRPC address.
+    /// gRPC address [default: 127.0.0.1:50071].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,

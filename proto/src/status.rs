@@ -166,6 +166,18 @@ pub fn reason_name(reason: ErrorReason) -> &'static str {
     name.strip_prefix("ERROR_REASON_").unwrap_or(name)
 }
 
+/// The [`ErrorReason`] a status carries in its ErrorInfo (domain
+/// [`ERROR_DOMAIN`]); `Unspecified` when it has none, one of another domain,
+/// or a reason this build does not know.
+pub fn reason_of(status: &tonic::Status) -> ErrorReason {
+    status
+        .get_error_details()
+        .error_info()
+        .filter(|info| info.domain == ERROR_DOMAIN)
+        .and_then(|info| ErrorReason::from_str_name(&format!("ERROR_REASON_{}", info.reason)))
+        .unwrap_or(ErrorReason::Unspecified)
+}
+
 /// Sets the ErrorInfo of `details`: domain [`ERROR_DOMAIN`], `reason`, and
 /// the given metadata.
 pub fn error_info(details: &mut ErrorDetails, reason: ErrorReason, metadata: &[(&str, String)]) {
@@ -299,6 +311,11 @@ mod tests {
         let info = details.error_info().unwrap();
         assert_eq!(info.reason, "OVERLOADED");
         assert_eq!(info.metadata["model"], "quality");
+        assert_eq!(reason_of(&status), ErrorReason::Overloaded);
+        assert_eq!(
+            reason_of(&tonic::Status::internal("no details")),
+            ErrorReason::Unspecified
+        );
         assert_eq!(
             details.retry_info().unwrap().retry_delay,
             Some(Duration::from_millis(250))

@@ -416,9 +416,21 @@ pub fn run(args: QuickstartArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A short stable key of settings, for cache directory names.
+/// Bump when what a cached artefact holds changes in a way that neither its
+/// settings nor the code version show.
+const CACHE_SCHEMA: u32 = 1;
+
+/// A short stable key of settings, for cache directory names. It covers
+/// the code version and [`CACHE_SCHEMA`] too: another version may read the
+/// same settings differently (another corpus, other model code), and must
+/// not reuse what this one trained.
 fn cache_key(settings: &impl Serialize) -> anyhow::Result<String> {
-    let json = serde_json::to_vec(settings)?;
+    versioned_key(env!("CARGO_PKG_VERSION"), settings)
+}
+
+/// [`cache_key`] as code version `version` computes it.
+fn versioned_key(version: &str, settings: &impl Serialize) -> anyhow::Result<String> {
+    let json = serde_json::to_vec(&(CACHE_SCHEMA, version, settings))?;
     Ok(hex::encode(&Sha256::digest(&json)[..6]))
 }
 
@@ -462,16 +474,53 @@ struct Datasets {
     preferences: Vec<encore_raters::records::PreferenceRecord>,
 }
 
-/// Generates the three datasets (and writes them as JSONL under `dir`);
-/// returns lines for the report on what their noise allows.
-fn rater_data(plan: &Plan, dir: &Path) -> anyhow::Result<(Vec<String>, Datasets)> {
-    std::fs::create_dir_all(dir)?;
-    let base = GenConfig {
+/// How the simulated raters' datasets are generated (`n` aside: each
+/// dataset sets its own).
+fn data_config(plan: &Plan) -> GenConfig {
+    GenConfig {
         seed: 1,
         frames_min: plan.data.frames.0,
         frames_max: plan.data.frames.1,
         ..GenConfig::default()
-    };
+    }
+}
+
+/// The cache key of the reward models: every setting of the data they are
+/// trained on (the plan's sizes and `data`, how the datasets are generated)
+/// and of their training.
+fn rewards_key(plan: &Plan, data: &GenConfig) -> anyhow::Result<String> {
+    let training: Vec<TrainConfig> = [
+        plan.rewards.adherence_epochs,
+        plan.rewards.quality_epochs,
+        plan.rewards.preference_epochs,
+    ]
+    .into_iter()
+    .map(|epochs| reward_train_config(plan, epochs, None))
+    .collect();
+    cache_key(&(&plan.data, data, &plan.rewards, training))
+}
+
+/// The training settings of one reward model.
+fn reward_train_config(plan: &Plan, epochs: usize, init_audio: Option<PathBuf>) -> TrainConfig {
+    TrainConfig {
+        epochs,
+        batch_size: plan.rewards.batch_size,
+        learning_rate: 2e-3,
+        warmup_steps: 30,
+        arch: ArchConfig {
+            channels: plan.rewards.channels,
+            ..ArchConfig::default()
+        },
+        init_audio,
+        ..TrainConfig::default()
+    }
+}
+
+/// Generates the three datasets (and writes them as JSONL under `dir`);
+/// returns lines for the report on what their noise allows.
+fn rater_data(plan: &Plan, dir: &Path) -> anyhow::Result<(Vec<String>, Datasets)> {
+    std::fs::create_dir_all(dir)?;
+    let base = data_config(plan);
     let clips = generate::clips(&GenConfig {
         n: plan.data.clips,
         ..base.clone()
@@ -536,21 +585,10 @@ fn reward_models(
 ) -> anyhow::Result<Rewards> {
     let dir = cache.join(format!(
         "rewards-{}",
-        cache_key(&(&plan.data, &plan.rewards))?
+        rewards_key(plan, &data_config(plan))?
     ));
-    let arch = ArchConfig {
-        channels: plan.rewards.channels,
-        ..ArchConfig::default()
-    };
-    let config = |epochs: usize, init_audio: Option<PathBuf>| TrainConfig {
-        epochs,
-        batch_size: plan.rewards.batch_size,
-        learning_rate: 2e-3,
-        warmup_steps: 30,
-        arch: arch.clone(),
-        init_audio,
-        ..TrainConfig::default()
-    };
+    let config =
+        |epochs: usize, init_audio: Option<PathBuf>| reward_train_config(plan, epochs, init_audio);
     let mut reports = Vec::new();
     for name in ["adherence", "quality", "preference"] {
         let model_dir = dir.join(name);
@@ -600,4 +638,56 @@ fn reward_models(
         reports.push((name.to_owned(), report));
     }
     Ok(Rewards { dir, reports })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_keys_change_with_the_code_version() {
+        let plan = Plan::new(Scale::Test);
+        let here = cache_key(&plan.pretrain).unwrap();
+        assert_eq!(
+            here,
+            versioned_key(env!("CARGO_PKG_VERSION"), &plan.pretrain).unwrap()
+        );
+        assert_ne!(
+            versioned_key("0.0.1-other", &plan.pretrain).unwrap(),
+            here,
+            "another code version must not reuse this one's artefacts"
+        );
+    }
+
+    #[test]
+    fn the_reward_cache_key_covers_how_the_data_is_generated() {
+        let plan = Plan::new(Scale::Test);
+        let data = data_config(&plan);
+        let key = rewards_key(&plan, &data).unwrap();
+        assert_eq!(key, rewards_key(&plan, &data.clone()).unwrap(), "stable");
+        let others = [
+            GenConfig {
+                seed: data.seed + 1,
+                ..data.clone()
+            },
+            GenConfig {
+                raters: data.raters + 1,
+                ..data.clone()
+            },
+            GenConfig {
+                population_seed: data.population_seed + 1,
+                ..data.clone()
+            },
+            GenConfig {
+                violation_rate: data.violation_rate / 2.0,
+                ..data.clone()
+            },
+        ];
+        for other in others {
+            assert_ne!(rewards_key(&plan, &other).unwrap(), key, "{other:?}");
+        }
+        let mut fewer_pairs = plan.clone();
+        fewer_pairs.data.pairs -= 1;
+        assert_ne!(rewards_key(&fewer_pairs, &data).unwrap(), key);
+    }
 }

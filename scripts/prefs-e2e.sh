@@ -39,12 +39,26 @@ for _ in $(seq 100); do
     curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break
     sleep 0.1
 done
+if ! curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null; then
+    echo "prefs-e2e: encore-prefs did not become ready; its log:" >&2
+    cat "$work/prefs.log" >&2
+    exit 1
+fi
 
 cp scripts/prefs_e2e.mjs "$work/"
 node "$work/prefs_e2e.mjs" "http://127.0.0.1:$http/" "$(command -v chromium)" "$work/page.png"
 
-kill -TERM $server; wait $server || true
+# SIGTERM drains: the server must exit with status 0 (a crash during the
+# test, or a failed drain, fails it).
+kill -TERM $server
+status=0
+wait $server || status=$?
 trap - EXIT
+if [[ $status != 0 ]]; then
+    echo "prefs-e2e: encore-prefs exited with status $status on SIGTERM; its log:" >&2
+    tail -n 50 "$work/prefs.log" >&2
+    exit 1
+fi
 "$bin/encore" prefs export --store "embedded://$work/store" --out "$work/export.jsonl"
 python3 - "$work/export.jsonl" <<'PY'
 import json, sys

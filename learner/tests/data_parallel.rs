@@ -239,7 +239,7 @@ fn two_ranks_take_the_step_one_rank_takes_on_the_global_batch() {
         apart < 1e-6,
         "2 ranks vs 1 rank: relative weight difference {apart:e}"
     );
-    for (two, one) in ranks[0].1.iter().zip(&single_reports) {
+    for (step, (two, one)) in ranks[0].1.iter().zip(&single_reports).enumerate() {
         assert_eq!(two.rollouts, one.rollouts);
         // Relative to the values, or to 0.1 for values near 0: the loss of
         // zero-mean advantages is a sum of O(1) terms that cancel, so its
@@ -272,7 +272,27 @@ fn two_ranks_take_the_step_one_rank_takes_on_the_global_batch() {
             two.loss.kl_seq_mean,
             one.loss.kl_seq_mean
         );
-        assert!(two.loss.clip_fraction >= 0.0 && two.loss.ratio_mean > 0.0);
+        // Clipping is counted over the global batch's tokens, the same
+        // tokens either way.
+        assert!(
+            close(two.loss.clip_fraction, one.loss.clip_fraction),
+            "{} vs {}",
+            two.loss.clip_fraction,
+            one.loss.clip_fraction
+        );
+        assert!(close(two.loss.ratio_mean, one.loss.ratio_mean));
+        if step == 0 {
+            // Before any update the policy is the one that sampled, and the
+            // behaviour log-probs are 0.05 below its own: every ratio is
+            // e^0.05 = 1.051, inside the clip range of 0.2, so none is
+            // clipped.
+            assert_eq!(two.loss.clip_fraction, 0.0);
+            assert!(
+                (two.loss.ratio_mean - 0.05f64.exp()).abs() < 1e-4,
+                "{}",
+                two.loss.ratio_mean
+            );
+        }
     }
     // The same comparison on the updates themselves (final minus initial
     // weights), a much stricter yardstick than the weights.

@@ -778,13 +778,22 @@ async fn two_actors_feed_two_learner_ranks() {
 async fn a_killed_learner_resumes_from_its_checkpoint_and_nothing_is_lost() {
     const STEPS_KILLED: u64 = 10;
     let outcome = run_job(Shape::small(STEPS_KILLED), Fault::KillLearner { after: 5 }).await;
-    assert_eq!(outcome.end, Some(JobState::Succeeded as i32));
-    let steps: Vec<u64> = outcome.points.iter().map(|p| p.step).collect();
-    assert_eq!(
-        steps,
-        (1..=STEPS_KILLED).collect::<Vec<_>>(),
-        "each step reported once"
-    );
+    // The job's history has each step once whatever the learner does: the
+    // coordinator keeps the first report of a step (the resumed rank redoes
+    // the steps after its checkpoint and reports them again; the dedup has
+    // its own test in coordinator/tests/jobs_and_cluster.rs).
+    outcome.assert_succeeded_after(STEPS_KILLED);
+    // What the learner itself counted: each step trained one batch of 8
+    // rollouts, counted once across the kill (the resumed rank's counts come
+    // from its checkpoint, and the steps it redoes replace the lost ones).
+    for p in &outcome.points {
+        assert_eq!(
+            p.rollouts_consumed_total,
+            8 * p.step,
+            "rollouts consumed by step {}",
+            p.step
+        );
+    }
     outcome.assert_every_rollout_accounted_for();
 }
 
@@ -865,18 +874,28 @@ async fn the_reward_rises_while_the_kl_stays_bounded() {
         last_objective > first_objective,
         "reward - beta KL fell from {first_objective:.3} to {last_objective:.3}"
     );
-    // ...and no step strayed past the largest KL that objective can ever
-    // justify: the whole 1-5 reward range over beta, in nats per sequence
-    // (`MetricPoint.kl` sums k3 over a clip's tokens).
-    let kl_bound = (5.0 - 1.0) / beta;
+    // ...and the KL stayed where it was seen to stay, in nats per sequence
+    // (`MetricPoint.kl` sums k3 over a clip's tokens). Three runs on 2 cores
+    // saw single steps of at most 23.9 (spikes in the first ten steps,
+    // while the learning rate warms up) and at most 4.3 as the mean of
+    // the last eight steps; the bounds leave a margin of about 1.7x and
+    // 1.9x over those, and stay far below (5 - 1) / beta = 80, the most
+    // KL the whole 1-5 reward range could justify.
+    let (step_bound, settled_bound) = (40.0, 8.0);
+    let settled = mean(&kls[kls.len() - 8..]);
     assert!(
-        kls.iter().all(|kl| (0.0..=kl_bound).contains(kl)),
-        "KL left its bound of {kl_bound} nats per sequence: {kls:?}"
+        kls.iter().all(|kl| (0.0..=step_bound).contains(kl)),
+        "a step's KL left its bound of {step_bound} nats per sequence: {kls:?}"
+    );
+    assert!(
+        settled <= settled_bound,
+        "the KL of the last 8 steps averaged {settled:.2} nats per sequence, above {settled_bound}"
     );
     println!(
         "mean quality reward: first 8 steps {first:.3}, last 8 steps {last:.3}; \
          reward - {beta} KL: {first_objective:.3} -> {last_objective:.3}; \
-         largest KL {:.2} nats per clip (bound {kl_bound})",
+         largest KL {:.2} nats per clip (bound {step_bound}), last 8 steps {settled:.2} \
+         (bound {settled_bound})",
         kls.iter().copied().fold(0.0, f64::max)
     );
 }

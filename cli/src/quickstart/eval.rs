@@ -70,6 +70,43 @@ impl PairResult {
     }
 }
 
+/// A's win rate over comparisons of (A's score, B's score): the share where
+/// A's is higher, ties counting half; NaN without comparisons.
+fn score_win_rate(duels: impl IntoIterator<Item = (f32, f32)>) -> f64 {
+    let (mut wins, mut n) = (0.0, 0u64);
+    for (x, y) in duels {
+        wins += if x > y {
+            1.0
+        } else if x == y {
+            0.5
+        } else {
+            0.0
+        };
+        n += 1;
+    }
+    if n == 0 { f64::NAN } else { wins / n as f64 }
+}
+
+/// Raters' answers on one pair: A chosen, B chosen, ties (skips are left
+/// out).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Tally {
+    a: u64,
+    b: u64,
+    ties: u64,
+}
+
+impl Tally {
+    fn add(&mut self, choice: Choice) {
+        match choice {
+            Choice::A => self.a += 1,
+            Choice::B => self.b += 1,
+            Choice::Tie => self.ties += 1,
+            Choice::Skip => {}
+        }
+    }
+}
+
 /// The comparisons the report shows, in the paper's order.
 const PAIRS: [(&str, &str); 6] = [
     ("R", "base"),
@@ -183,43 +220,29 @@ pub(super) fn evaluate(
             continue;
         };
         let mut by_reward_model = [0.0; 3];
-        let (mut wins_a, mut wins_b, mut ties) = (0u64, 0u64, 0u64);
+        for (r, rm) in scores.iter().enumerate() {
+            let duels = (0..prompts.len())
+                .flat_map(|i| (0..plan.samples).map(move |s| (rm[ai][i][s], rm[bi][i][s])));
+            by_reward_model[r] = score_win_rate(duels);
+        }
+        let mut answers = Tally::default();
         let (mut expected, mut judged) = (0.0, 0.0);
         for (i, e) in prompts.iter().enumerate() {
             for s in 0..plan.samples {
-                for (r, rm) in scores.iter().enumerate() {
-                    let (x, y) = (rm[ai][i][s], rm[bi][i][s]);
-                    by_reward_model[r] += if x > y {
-                        1.0
-                    } else if x == y {
-                        0.5
-                    } else {
-                        0.0
-                    };
-                }
                 let (fa, fb) = (&features[ai][i][s], &features[bi][i][s]);
                 for rater in &raters {
-                    match rater.prefer_of(&e.attributes, &e.mentioned, fa, fb, &mut rng) {
-                        Choice::A => wins_a += 1,
-                        Choice::B => wins_b += 1,
-                        Choice::Tie => ties += 1,
-                        Choice::Skip => {}
-                    }
+                    answers.add(rater.prefer_of(&e.attributes, &e.mentioned, fa, fb, &mut rng));
                 }
                 expected +=
                     preference_probability_among(&raters, &e.attributes, &e.mentioned, fa, fb);
                 judged += 1.0;
             }
         }
-        let comparisons = (prompts.len() * plan.samples).max(1) as f64;
-        for v in &mut by_reward_model {
-            *v /= comparisons;
-        }
         pairs.push(PairResult {
             a: a.to_owned(),
             b: b.to_owned(),
             by_reward_model,
-            held_out: (wins_a, wins_b, ties),
+            held_out: (answers.a, answers.b, answers.ties),
             held_out_expected: expected / f64::max(judged, 1.0),
         });
     }
@@ -233,4 +256,58 @@ pub(super) fn evaluate(
         pairs,
         raters: raters.len(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reward_models_win_rate_counts_ties_half() {
+        // Wins, a tie, a loss: (1 + 1 + 0.5 + 0) / 4.
+        let duels = [(0.9, 0.1), (2.0, -1.0), (0.5, 0.5), (0.2, 0.3)];
+        assert_eq!(score_win_rate(duels), 0.625);
+        assert_eq!(score_win_rate([(1.0, 1.0); 3]), 0.5, "all ties: even");
+        assert_eq!(score_win_rate([(0.0, 1.0); 3]), 0.0);
+        assert!(score_win_rate([]).is_nan(), "no comparison, no rate");
+    }
+
+    #[test]
+    fn rater_answers_are_counted_and_skips_left_out() {
+        let mut tally = Tally::default();
+        for choice in [
+            Choice::A,
+            Choice::Skip,
+            Choice::B,
+            Choice::A,
+            Choice::Tie,
+            Choice::A,
+            Choice::Skip,
+        ] {
+            tally.add(choice);
+        }
+        assert_eq!(
+            tally,
+            Tally {
+                a: 3,
+                b: 1,
+                ties: 1
+            }
+        );
+    }
+
+    #[test]
+    fn the_held_out_win_rate_is_over_decided_answers() {
+        let pair = |held_out| PairResult {
+            a: "RU".into(),
+            b: "base".into(),
+            by_reward_model: [0.5; 3],
+            held_out,
+            held_out_expected: 0.5,
+        };
+        // 3 of the 4 decided answers; the 6 ties do not dilute it.
+        assert_eq!(pair((3, 1, 6)).held_out_win_rate(), 0.75);
+        assert_eq!(pair((0, 2, 0)).held_out_win_rate(), 0.0);
+        assert!(pair((0, 0, 5)).held_out_win_rate().is_nan(), "only ties");
+    }
 }

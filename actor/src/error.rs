@@ -41,6 +41,9 @@ pub enum Error {
     /// The model failed.
     #[error(transparent)]
     Model(#[from] encore_model::ModelError),
+    /// The policy (either architecture) failed.
+    #[error(transparent)]
+    Policy(#[from] encore_policies::PolicyError),
     /// The prompt set could not be read.
     #[error("prompts {path}: {message}")]
     Prompts {

@@ -24,7 +24,8 @@ use encore_coordinator::member::{
     ClusterClient, CoordinatorClient, Membership, WeightClient, instance_id,
 };
 use encore_coordinator::weights::client::fetch_to_file;
-use encore_model::{Policy, SamplingParams};
+use encore_model::SamplingParams;
+use encore_policies::AnyPolicy;
 use encore_proto::v1::{
     ActorAssignment, Assignment, Capabilities, DeviceKind, GetManifestRequest, Resources, Role,
     Rollout, RolloutQueue, ScoreItem, ScoredBatch, WeightManifest, assignment,
@@ -253,7 +254,7 @@ impl Actor {
         let k = work.samples_per_prompt.max(1) as usize;
         let groups = work.groups_per_batch.max(1) as usize;
         let sampling = work.sampling.unwrap_or_default();
-        let mut policy: Option<(WeightManifest, Arc<Policy>)> = None;
+        let mut policy: Option<(WeightManifest, Arc<AnyPolicy>)> = None;
         let mut batch_no = 0u64;
         let job_label = [job_id];
         loop {
@@ -285,7 +286,7 @@ impl Actor {
                 .iter()
                 .flat_map(|p| std::iter::repeat_n(p.caption.clone(), k))
                 .collect();
-            let frames = (sampling.max_new_tokens as usize).min(current.config().max_frames);
+            let frames = (sampling.max_new_tokens as usize).min(current.max_frames());
             let params = SamplingParams {
                 temperature: if sampling.temperature > 0.0 {
                     sampling.temperature
@@ -299,12 +300,10 @@ impl Actor {
                     .wrapping_add(batch_no.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
             };
             let started = Instant::now();
-            let (device, policy_ref, texts) =
-                (self.device.clone(), current.clone(), captions.clone());
+            let (policy_ref, texts) = (current.clone(), captions.clone());
             let samples = tokio::task::spawn_blocking(move || {
                 let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-                let text = encore_model::embed_captions(&refs, &device)?;
-                encore_model::sample(&policy_ref, &text, frames, &params)
+                policy_ref.sample(&refs, frames, &params)
             })
             .await
             .map_err(|e| Error::Config(format!("the sampling task failed: {e}")))??;
@@ -356,6 +355,7 @@ impl Actor {
                     scores: scores.into_iter().collect(),
                     actor_id: member_id.to_owned(),
                     create_time: now,
+                    codebooks: samples.codebooks,
                 });
             }
             let batch = ScoredBatch {
@@ -477,7 +477,7 @@ impl Actor {
         job_id: &str,
         manifest: &WeightManifest,
         cancel: &CancellationToken,
-    ) -> Result<(WeightManifest, Arc<Policy>)> {
+    ) -> Result<(WeightManifest, Arc<AnyPolicy>)> {
         let version = version_of(manifest);
         let dir = self.config.work_dir.join(job_id);
         std::fs::create_dir_all(&dir)
@@ -504,7 +504,7 @@ impl Actor {
             dest.clone(),
         );
         let policy = tokio::task::spawn_blocking(move || {
-            encore_model::load_frozen_file(&config, &path, &device)
+            encore_policies::load_published(&config, &path, &device)
         })
         .await
         .map_err(|e| Error::Weights(format!("loading task failed: {e}")))??;

@@ -25,6 +25,9 @@ pub struct SampleConfig {
     pub count: usize,
     /// cpu, cuda or cuda:N.
     pub device: String,
+    /// Classifier-free guidance scale of a MusicGen checkpoint (none: its
+    /// generation_config.json's, 3.0 in Meta's releases).
+    pub guidance_scale: Option<f64>,
 }
 
 impl Default for SampleConfig {
@@ -37,6 +40,7 @@ impl Default for SampleConfig {
             seed: 0,
             count: 1,
             device: "cpu".into(),
+            guidance_scale: None,
         }
     }
 }
@@ -44,7 +48,9 @@ impl Default for SampleConfig {
 /// Flags of `encore sample`.
 #[derive(Debug, Args, Serialize)]
 pub struct SampleArgs {
-    /// Checkpoint directory (from `encore pretrain` or a fine-tuning job).
+    /// Checkpoint directory: from `encore pretrain` or a fine-tuning job, or
+    /// a Hugging Face MusicGen directory (config.json, model.safetensors,
+    /// tokenizer.json) such as a downloaded facebook/musicgen-small.
     #[arg(long)]
     #[serde(skip)]
     checkpoint: PathBuf,
@@ -84,6 +90,11 @@ pub struct SampleArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     device: Option<String>,
+    /// MusicGen only: classifier-free guidance scale (1 turns it off)
+    /// [default: the checkpoint's generation_config.json].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    guidance_scale: Option<f64>,
 }
 
 pub fn run(config: Option<&Path>, args: SampleArgs) -> anyhow::Result<()> {
@@ -92,6 +103,10 @@ pub fn run(config: Option<&Path>, args: SampleArgs) -> anyhow::Result<()> {
         anyhow::bail!("count: must be at least 1");
     }
     let device = encore_model::device(&cfg.device)?;
+    let architecture = encore_policies::Architecture::of_checkpoint(&args.checkpoint)?;
+    if architecture == encore_policies::Architecture::Musicgen {
+        return sample_musicgen(&cfg, &args, &device);
+    }
     let (policy, _) = encore_model::load_frozen(&args.checkpoint, &device)
         .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
     let max = policy.config().max_frames;
@@ -138,6 +153,73 @@ pub fn run(config: Option<&Path>, args: SampleArgs) -> anyhow::Result<()> {
             a.tempo
                 .map(|t| format!("{:.0} bpm", t.bpm()))
                 .unwrap_or_else(|| "no clear tempo".into()),
+        );
+    }
+    Ok(())
+}
+
+/// MusicGen clips from a Hugging Face checkpoint directory: 10 s unless
+/// `seconds` says otherwise, written at the codec's sample rate.
+fn sample_musicgen(
+    cfg: &SampleConfig,
+    args: &SampleArgs,
+    device: &candle_core::Device,
+) -> anyhow::Result<()> {
+    use encore_musicgen::{GenerateParams, Musicgen};
+    let started = std::time::Instant::now();
+    let model = Musicgen::load(&args.checkpoint, device)
+        .with_context(|| format!("loading MusicGen checkpoint {}", args.checkpoint.display()))?;
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), "loaded");
+    let d = &model.config().decoder;
+    let max = d
+        .max_position_embeddings
+        .saturating_sub(d.num_codebooks)
+        .max(1);
+    let rate = model.frame_rate() as f32;
+    let frames = match cfg.seconds {
+        None => ((10.0 * rate) as usize).min(max),
+        Some(s) if s.is_finite() && s > 0.0 => ((s * rate).round() as usize).clamp(1, max),
+        Some(s) => anyhow::bail!("seconds: must be a positive number, got {s}"),
+    };
+    let guidance_scale = cfg
+        .guidance_scale
+        .unwrap_or_else(|| encore_policies::checkpoint_guidance(&args.checkpoint));
+    if !(guidance_scale.is_finite() && guidance_scale >= 0.0) {
+        anyhow::bail!("guidance_scale: must be a non-negative number, got {guidance_scale}");
+    }
+    let params = GenerateParams {
+        sampling: SamplingParams {
+            temperature: cfg.temperature,
+            top_k: cfg.top_k,
+            top_p: cfg.top_p,
+            seed: cfg.seed,
+        },
+        guidance_scale,
+    };
+    let cond = model.condition(&vec![args.prompt.as_str(); cfg.count])?;
+    let started = std::time::Instant::now();
+    let out = model.generate(&cond, frames, &params)?;
+    tracing::info!(
+        clips = cfg.count,
+        frames,
+        seconds = started.elapsed().as_secs_f64(),
+        "sampled"
+    );
+    let audio = model.decode_audio(&out.codes)?;
+    for (i, clip) in audio.into_iter().enumerate() {
+        let path = if cfg.count == 1 {
+            args.out.clone()
+        } else {
+            numbered(&args.out, i + 1)
+        };
+        encore_codec::write_wav_at(&path, &normalise(clip), model.sample_rate())?;
+        let steps = out.log_probs[i].len().max(1);
+        println!(
+            "{}: {:.1}s at {} Hz, {:.2} log-prob/step (guidance {guidance_scale})",
+            path.display(),
+            frames as f32 / rate,
+            model.sample_rate(),
+            out.log_probs[i].iter().sum::<f32>() / steps as f32,
         );
     }
     Ok(())

@@ -100,3 +100,40 @@ fn bad_configuration_names_the_key() {
     let err = encore(&["sample", "--checkpoint", "/nonexistent", "--prompt", "x"]).unwrap_err();
     assert!(format!("{err:#}").contains("/nonexistent"), "{err:#}");
 }
+
+#[test]
+fn sample_writes_musicgen_audio_from_a_hugging_face_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("musicgen");
+    let cfg = encore_musicgen::tiny_config(32, 32, 2, 16);
+    encore_musicgen::write_random_checkpoint(&ckpt, &cfg, &["calm", "piano"], 1).unwrap();
+    let wav = dir.path().join("mg.wav");
+    encore(&[
+        "sample",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--prompt",
+        "calm piano",
+        "--seconds",
+        "0.5",
+        "--guidance-scale",
+        "3",
+        "--count",
+        "2",
+        "--out",
+        wav.to_str().unwrap(),
+    ])
+    .unwrap();
+    // 0.5 s at the codec's 50 frames/s and 8 kHz, one file per clip.
+    let hop = cfg.audio_encoder.hop_length();
+    let mut clips = Vec::new();
+    for n in 1..=2 {
+        let reader = hound::WavReader::open(dir.path().join(format!("mg-{n}.wav"))).unwrap();
+        assert_eq!(reader.spec().sample_rate, cfg.audio_encoder.sampling_rate);
+        let samples: Vec<i16> = reader.into_samples().map(Result::unwrap).collect();
+        assert_eq!(samples.len(), 25 * hop);
+        assert!(samples.iter().any(|&s| s != 0), "clip {n} is not silent");
+        clips.push(samples);
+    }
+    assert_ne!(clips[0], clips[1], "two clips of one prompt differ");
+}

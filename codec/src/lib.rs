@@ -28,7 +28,7 @@ use std::path::PathBuf;
 
 pub use synth::render;
 pub use vocab::{Instrument, Token, Velocity, pitch_hz};
-pub use wav::{wav_bytes, write_wav};
+pub use wav::{wav_bytes, write_wav, write_wav_at};
 
 /// Tokens per second of audio: one token per 40 ms frame.
 pub const FRAME_RATE: u32 = 25;

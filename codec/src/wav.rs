@@ -8,9 +8,13 @@ use hound::{SampleFormat, WavSpec, WavWriter};
 use crate::{CodecError, SAMPLE_RATE};
 
 fn spec() -> WavSpec {
+    spec_at(SAMPLE_RATE)
+}
+
+fn spec_at(sample_rate: u32) -> WavSpec {
     WavSpec {
         channels: 1,
-        sample_rate: SAMPLE_RATE,
+        sample_rate,
         bits_per_sample: 16,
         sample_format: SampleFormat::Int,
     }
@@ -41,12 +45,18 @@ fn write_samples<W: Write + Seek>(
 /// Writes `samples` (clamped to `[-1, 1]`) to `path` as a 16-bit mono WAV at
 /// `SAMPLE_RATE`.
 pub fn write_wav(path: &Path, samples: &[f32]) -> Result<(), CodecError> {
+    write_wav_at(path, samples, SAMPLE_RATE)
+}
+
+/// Writes `samples` (clamped to `[-1, 1]`) to `path` as a 16-bit mono WAV at
+/// `sample_rate` Hz: for audio from other codecs (MusicGen's EnCodec).
+pub fn write_wav_at(path: &Path, samples: &[f32], sample_rate: u32) -> Result<(), CodecError> {
     check_finite(samples)?;
     let file_err = |source| CodecError::WavFile {
         path: path.to_path_buf(),
         source,
     };
-    let mut writer = WavWriter::create(path, spec()).map_err(file_err)?;
+    let mut writer = WavWriter::create(path, spec_at(sample_rate)).map_err(file_err)?;
     write_samples(&mut writer, samples).map_err(file_err)?;
     writer.finalize().map_err(file_err)
 }

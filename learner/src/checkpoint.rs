@@ -27,7 +27,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
-use encore_model::TrainablePolicy;
+use encore_policies::AnyTrainable;
 use serde::{Deserialize, Serialize};
 
 use crate::LearnerError;
@@ -101,7 +101,7 @@ pub fn step_dir(root: &Path, step: u64) -> PathBuf {
 pub fn save(
     root: &Path,
     ckpt: &LearnerCheckpoint,
-    policy: &TrainablePolicy,
+    policy: &AnyTrainable,
     optimizer: &AdamW,
     keep: usize,
 ) -> Result<PathBuf, LearnerError> {
@@ -139,7 +139,7 @@ pub fn save(
 fn write_contents(
     dir: &Path,
     ckpt: &LearnerCheckpoint,
-    policy: &TrainablePolicy,
+    policy: &AnyTrainable,
     optimizer: &AdamW,
 ) -> Result<(), LearnerError> {
     let state = dir.join(STATE_FILE);
@@ -190,11 +190,11 @@ pub fn read_state(dir: &Path) -> Result<LearnerCheckpoint, LearnerError> {
 /// tensor, and leaves `policy` and `optimizer` as they were.
 pub fn load(
     dir: &Path,
-    policy: &TrainablePolicy,
+    policy: &AnyTrainable,
     optimizer: &mut AdamW,
 ) -> Result<LearnerCheckpoint, LearnerError> {
     let ckpt = read_state(dir)?;
-    let device = policy.policy.device();
+    let device = policy.device();
 
     let policy_path = dir.join(POLICY_FILE);
     let mut weights = load_tensors(&policy_path, device)?;
@@ -334,7 +334,7 @@ fn sync_dir(dir: &Path) -> Result<(), LearnerError> {
 mod tests {
     use candle_core::{DType, Device};
     use candle_nn::ParamsAdamW;
-    use encore_model::Preset;
+    use encore_model::{Preset, TrainablePolicy};
 
     use super::*;
     use crate::normalize::{BatchStats, Normalization, RewardSpec};
@@ -368,8 +368,11 @@ mod tests {
 
     /// A tiny policy and an optimiser that has taken `steps` steps on
     /// synthetic gradients, so the moments are non-trivial.
-    fn trained(seed: u64, steps: usize) -> (TrainablePolicy, AdamW) {
-        let policy = TrainablePolicy::fresh(&Preset::Tiny.config(), &Device::Cpu, seed).unwrap();
+    fn trained(seed: u64, steps: usize) -> (AnyTrainable, AdamW) {
+        let policy: AnyTrainable =
+            TrainablePolicy::fresh(&Preset::Tiny.config(), &Device::Cpu, seed)
+                .unwrap()
+                .into();
         let vars = named_vars(&policy.vars);
         let mut opt = AdamW::new(vars.clone(), ParamsAdamW::default()).unwrap();
         let total: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
@@ -485,7 +488,9 @@ mod tests {
             d_ff: 64,
             ..Preset::Tiny.config()
         };
-        let other = TrainablePolicy::fresh(&small, &Device::Cpu, 3).unwrap();
+        let other: AnyTrainable = TrainablePolicy::fresh(&small, &Device::Cpu, 3)
+            .unwrap()
+            .into();
         let mut other_opt = AdamW::new(named_vars(&other.vars), ParamsAdamW::default()).unwrap();
         let before = bits(other.named_tensors());
         let err = load(&dir, &other, &mut other_opt).unwrap_err().to_string();

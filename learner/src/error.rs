@@ -15,6 +15,10 @@ pub enum LearnerError {
     /// checkpoint).
     #[error("model: {0}")]
     Model(#[from] encore_model::ModelError),
+    /// The policy failed (either architecture: loading the base checkpoint,
+    /// running the model).
+    #[error("policy: {0}")]
+    Policy(#[from] encore_policies::PolicyError),
     /// A tensor operation failed (shape mismatch inside candle, device
     /// error).
     #[error("tensor: {0}")]

@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor, Var};
-use encore_model::{Policy, TrainablePolicy};
+use encore_policies::{AnyPolicy, AnyTrainable};
 use encore_proto::v1::Rollout;
 
 use crate::advantage::leave_one_out;
@@ -57,9 +57,9 @@ pub const DROP_REASONS: [&str; 4] = ["stale", "invalid", "stage", "duplicate"];
 /// reward normaliser of one rank.
 pub struct Trainer {
     /// The policy being trained.
-    pub policy: TrainablePolicy,
+    pub policy: AnyTrainable,
     /// The frozen reference policy of the KL term (the base checkpoint).
-    pub reference: Policy,
+    pub reference: AnyPolicy,
     /// Variables in name order: the layout of the flat gradient.
     pub vars: Vec<(String, Var)>,
     /// The optimiser.
@@ -131,7 +131,12 @@ impl Trainer {
         // Global reward statistics: count, sum and sum of squares per model,
         // plus the valid tokens of the batch.
         let local = RewardNormalizer::batch_stats(specs, &scores)?;
-        let tokens_here: u64 = rollouts.iter().map(|r| r.tokens.len() as u64).sum();
+        // A "token" of the loss is a decoder step: one per token for the
+        // tiny policy, one per step of the delay pattern for MusicGen.
+        let tokens_here: u64 = rollouts
+            .iter()
+            .map(|r| r.behaviour_log_probs.len() as u64)
+            .sum();
         let mut sums = Vec::with_capacity(specs.len() * 3 + 2);
         for spec in specs {
             let s = &local[&spec.model];
@@ -242,7 +247,7 @@ impl Trainer {
         global_tokens: f64,
         collective: &mut dyn Collective,
     ) -> Result<(LossStats, f64), LearnerError> {
-        let device = self.policy.policy.device().clone();
+        let device = self.policy.device().clone();
         let total: usize = self.vars.iter().map(|(_, v)| v.elem_count()).sum();
         let mut flat = vec![0f32; total];
         let mut stats = LossStats::default();
@@ -282,35 +287,44 @@ impl Trainer {
             .iter()
             .map(|r| r.prompt.as_ref().map_or("", |p| p.caption.as_str()))
             .collect();
-        let text = encore_model::embed_captions(&captions, device)?;
-        let width = rollouts.iter().map(|r| r.tokens.len()).max().unwrap_or(0);
-        if width == 0 {
-            return Err(LearnerError::InvalidBatch("rollouts without tokens".into()));
+        let policy = self.policy.policy();
+        for r in rollouts {
+            let codebooks = r.codebooks.max(1);
+            if codebooks != policy.codebooks() {
+                return Err(LearnerError::InvalidBatch(format!(
+                    "rollout {}: {codebooks} codebooks, the policy has {}",
+                    r.rollout_id,
+                    policy.codebooks()
+                )));
+            }
+            let steps = policy.steps_for(r.tokens.len());
+            if r.tokens.is_empty() || r.behaviour_log_probs.len() != steps {
+                return Err(LearnerError::InvalidBatch(format!(
+                    "rollout {}: {} behaviour log-probs for {} tokens ({steps} decoder steps)",
+                    r.rollout_id,
+                    r.behaviour_log_probs.len(),
+                    r.tokens.len()
+                )));
+            }
         }
-        // Padding repeats token 0; padded positions are masked out of the
-        // loss, and causal attention keeps them from affecting real ones.
-        let mut ids = vec![0u32; rollouts.len() * width];
-        for (row, r) in rollouts.iter().enumerate() {
-            ids[row * width..row * width + r.tokens.len()].copy_from_slice(&r.tokens);
-        }
-        let tokens = Tensor::from_vec(ids, (rollouts.len(), width), device)?;
+        let clips: Vec<&[u32]> = rollouts.iter().map(|r| r.tokens.as_slice()).collect();
         let behaviour: Vec<&[f32]> = rollouts
             .iter()
             .map(|r| r.behaviour_log_probs.as_slice())
             .collect();
-        for (i, r) in rollouts.iter().enumerate() {
-            if r.behaviour_log_probs.len() != r.tokens.len() {
-                return Err(LearnerError::InvalidBatch(format!(
-                    "rollout {}: {} behaviour log-probs for {} tokens",
-                    r.rollout_id,
-                    r.behaviour_log_probs.len(),
-                    rollouts[i].tokens.len()
-                )));
-            }
-        }
         let (behaviour, mask) = pad_rows(&behaviour, device)?;
-        let log_probs = self.policy.policy.log_probs(&tokens, &text)?;
-        let reference = self.reference.log_probs(&tokens, &text)?.detach();
+        // Rollouts that do not fit the policy make the batch invalid (dropped
+        // and counted), not the learner broken.
+        let invalid = |e: encore_policies::PolicyError| match e {
+            encore_policies::PolicyError::Input(m) => LearnerError::InvalidBatch(m),
+            other => other.into(),
+        };
+        let log_probs = policy.log_probs(&captions, &clips).map_err(invalid)?;
+        let reference = self
+            .reference
+            .log_probs(&captions, &clips)
+            .map_err(invalid)?
+            .detach();
         let advantages = Tensor::from_vec(
             advantages.iter().map(|&a| a as f32).collect::<Vec<_>>(),
             rollouts.len(),

@@ -30,7 +30,7 @@ use encore_coordinator::member::{
     ClusterClient, CoordinatorClient, Membership, WeightClient, instance_id,
 };
 use encore_coordinator::weights::client::{PublishData, PublishError, publish};
-use encore_model::TrainablePolicy;
+use encore_policies::AnyTrainable;
 use encore_proto::v1::{
     AlgorithmKind, Capabilities, DeviceKind, ErrorReason, GetManifestRequest, JobSpec, JobState,
     LearnerAssignment, MetricPoint, NormalizationKind as ProtoKind, PublishHeader,
@@ -578,7 +578,7 @@ impl Learner {
         version: u64,
         step: u64,
         stage: &str,
-        policy: &TrainablePolicy,
+        policy: &AnyTrainable,
     ) -> Result<(), LearnerError> {
         let dir = self.config.work_dir.join(job_id);
         std::fs::create_dir_all(&dir).map_err(|e| LearnerError::io(&dir, e))?;
@@ -588,8 +588,9 @@ impl Learner {
         let tensors: std::collections::HashMap<String, candle_core::Tensor> =
             policy.named_tensors().into_iter().collect();
         candle_core::safetensors::save(&tensors, &path)?;
-        let config = serde_json::to_string(policy.policy.config())
-            .map_err(|e| LearnerError::Config(format!("policy config: {e}")))?;
+        let config = policy
+            .published_config()
+            .map_err(|e| LearnerError::Config(e.to_string()))?;
         let mut client = self.weights();
         let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
         let publish_started = Instant::now();
@@ -768,7 +769,7 @@ fn build_trainer(
     plan: &Plan,
     device: &Device,
 ) -> Result<(Trainer, LearnerCheckpoint), LearnerError> {
-    let (policy, _) = TrainablePolicy::load(base, device)?;
+    let policy = AnyTrainable::load(base, device)?;
     let reference = policy.frozen()?;
     let vars = named_vars(&policy.vars);
     let mut optimizer = AdamW::new(vars.clone(), plan.params.clone())?;

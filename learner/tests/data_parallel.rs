@@ -97,7 +97,8 @@ fn batch(policy: &TrainablePolicy, n: u64) -> Vec<Rollout> {
 
 fn trainer() -> Trainer {
     let cfg = Preset::Tiny.config();
-    let policy = TrainablePolicy::fresh(&cfg, &Device::Cpu, 1).unwrap();
+    let policy =
+        encore_policies::AnyTrainable::from(TrainablePolicy::fresh(&cfg, &Device::Cpu, 1).unwrap());
     let reference = policy.frozen().unwrap();
     let vars = named_vars(&policy.vars);
     let optimizer = AdamW::new(

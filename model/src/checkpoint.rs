@@ -108,14 +108,19 @@ impl TrainablePolicy {
 
     /// Every parameter by name, in name order (for comparisons and hashing).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let data = self.vars.data().lock().expect("var map lock poisoned");
-        let mut named: Vec<_> = data
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        named
+        named_tensors(&self.vars)
     }
+}
+
+/// Every variable of `vars` by name, in name order.
+pub fn named_tensors(vars: &VarMap) -> Vec<(String, Tensor)> {
+    let data = vars.data().lock().expect("var map lock poisoned");
+    let mut named: Vec<_> = data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
 }
 
 /// Loads a checkpoint for inference only (sampling, evaluation, the frozen

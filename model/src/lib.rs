@@ -21,7 +21,7 @@ mod sample;
 
 pub use checkpoint::{
     CONFIG_FILE, CheckpointConfig, TrainablePolicy, WEIGHTS_FILE, load_frozen, load_frozen_file,
-    read_config, write_atomically,
+    named_tensors, read_config, write_atomically,
 };
 pub use config::{PolicyConfig, Preset};
 pub use device::device;

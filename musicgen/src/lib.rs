@@ -24,5 +24,5 @@ pub use config::{
 pub use decoder::{Conditioning, Decoder, DecoderCache, sinusoidal_positions};
 pub use encodec::EncodecDecoder;
 pub use error::{MusicgenError, Result};
-pub use model::{GenerateParams, Generated, Musicgen};
+pub use model::{GenerateParams, Generated, Musicgen, load_tokenizer};
 pub use random::{tiny_config, write_random_checkpoint};

@@ -102,6 +102,21 @@ impl Musicgen {
         Self::new(&cfg, vb.clone(), vb, tokenizer)
     }
 
+    /// Loads a checkpoint directory with the decoder (and text projection)
+    /// taken from `decoder_weights` instead: what a learner published.
+    pub fn load_with_decoder(dir: &Path, decoder_weights: &Path, device: &Device) -> Result<Self> {
+        let cfg = MusicgenConfig::load(dir)?;
+        let weights = dir.join(WEIGHTS_FILE);
+        // SAFETY: as in `load`.
+        let frozen =
+            unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
+                .map_err(|e| MusicgenError::checkpoint(&weights, e))?;
+        let trained =
+            unsafe { VarBuilder::from_mmaped_safetensors(&[decoder_weights], DType::F32, device) }
+                .map_err(|e| MusicgenError::checkpoint(decoder_weights, e))?;
+        Self::new(&cfg, frozen, trained, load_tokenizer(dir)?)
+    }
+
     /// Builds the model from `frozen` (text encoder and codec) and
     /// `trained` (decoder and text projection): the learner passes its
     /// variables as `trained` and the checkpoint as `frozen`.
@@ -457,7 +472,8 @@ fn needs_projection(cfg: &MusicgenConfig) -> Result<bool> {
         && cfg.decoder.cross_attention_hidden_size.is_none())
 }
 
-fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
+/// The checkpoint's `tokenizer.json`, if it has one.
+pub fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
     let path = dir.join(TOKENIZER_FILE);
     if !path.is_file() {
         return Ok(None);

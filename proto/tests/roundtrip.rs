@@ -78,6 +78,7 @@ fn rollout(sample_index: u32) -> Rollout {
             seconds: 1_714_000_000,
             nanos: 5,
         }),
+        codebooks: 1,
     }
 }
 

@@ -374,13 +374,7 @@ impl AnyTrainable {
 
     /// Every trainable parameter by name, in name order.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let data = self.vars.data().lock().expect("var map lock poisoned");
-        let mut named: Vec<_> = data
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        named
+        encore_model::named_tensors(&self.vars)
     }
 
     /// A frozen copy for the KL reference: detached weights, no graph.

@@ -64,8 +64,11 @@ async fn the_job_cli_drives_a_coordinator_on_redis() {
     let url = format!("http://{}", coordinator.grpc_addr());
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/ru-tiny.toml");
 
-    // The shipped example is a valid spec.
+    // The shipped examples are valid specs.
     let out = stdout(&encore(&url, &["submit", example, "--validate-only"]).await);
+    assert!(out.contains("valid"), "{out}");
+    let musicgen = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/musicgen-small.toml");
+    let out = stdout(&encore(&url, &["submit", musicgen, "--validate-only"]).await);
     assert!(out.contains("valid"), "{out}");
 
     // Submit: the job id on stdout, PENDING (no workers joined).

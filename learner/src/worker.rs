@@ -290,6 +290,7 @@ impl Learner {
 
         // The model, resumed from the latest checkpoint if there is one.
         let base = base_dir(&spec)?;
+        check_architecture(&spec, &base)?;
         let checkpoint_root = PathBuf::from(&work.checkpoint_dir);
         let device = self.device.clone();
         let (mut trainer, mut state) = {
@@ -759,6 +760,27 @@ fn base_dir(spec: &JobSpec) -> Result<PathBuf, LearnerError> {
             "spec.base_checkpoint.uri: {uri:?} is neither a checkpoint directory nor its weights file"
         )))
     }
+}
+
+/// Refuses a base checkpoint of another kind than `spec.architecture` names.
+fn check_architecture(spec: &JobSpec, base: &Path) -> Result<(), LearnerError> {
+    use encore_policies::Architecture;
+    use encore_proto::v1::PolicyArchitecture;
+    let wanted = match PolicyArchitecture::try_from(spec.architecture) {
+        Ok(PolicyArchitecture::Tiny) => Architecture::Tiny,
+        Ok(PolicyArchitecture::Musicgen) => Architecture::Musicgen,
+        Ok(PolicyArchitecture::Unspecified) | Err(_) => return Ok(()),
+    };
+    let found = Architecture::of_checkpoint(base)?;
+    if found != wanted {
+        return Err(LearnerError::Config(format!(
+            "spec.architecture: {} but base_checkpoint.uri {} holds a {} checkpoint",
+            wanted.name(),
+            base.display(),
+            found.name()
+        )));
+    }
+    Ok(())
 }
 
 /// The trainer, from the latest checkpoint under `root` if any, else from

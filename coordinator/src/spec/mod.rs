@@ -31,7 +31,7 @@ use std::collections::{BTreeSet, HashMap};
 use encore_proto::status::Violations;
 use encore_proto::v1::{
     Algorithm, AlgorithmKind, DeviceKind, ErrorReason, JobResources, JobSpec, ModelRef,
-    Normalization, NormalizationKind, Prompt, PromptSource, RewardConfig, SamplingParams, Seeds,
+    Normalization, NormalizationKind, PolicyArchitecture, Prompt, PromptSource, RewardConfig, SamplingParams, Seeds,
     Stage, StopCondition, prompt_source,
 };
 use prost::Message;
@@ -186,6 +186,12 @@ pub fn validate(spec: &JobSpec, limits: &Limits) -> Result<(), Violations> {
     c.job_stop(spec);
     c.resources(spec.resources.as_ref());
     c.labels(&spec.labels);
+    if PolicyArchitecture::try_from(spec.architecture).is_err() {
+        c.invalid(
+            "spec.architecture",
+            format!("unknown policy architecture {}", spec.architecture),
+        );
+    }
     c.v.into_result()
 }
 

@@ -76,8 +76,9 @@ impl Learner {
     pub fn new(config: Config, registry: &prometheus::Registry) -> Result<Self, LearnerError> {
         let metrics = Metrics::new(registry)?;
         let device = encore_model::device(&config.device)?;
-        let coordinator = CoordinatorClient::new(&config.coordinator, &config.token()?)
-            .map_err(|e| LearnerError::Config(format!("learner.{e}")))?;
+        let coordinator =
+            CoordinatorClient::new(&config.coordinator, &config.token()?, config.tls.as_ref())
+                .map_err(|e| LearnerError::Config(format!("learner.{e}")))?;
         let listener = TcpListener::bind(config.listen)
             .map_err(|e| LearnerError::io(Path::new(&config.listen.to_string()), e))?;
         let bound = listener

@@ -225,6 +225,11 @@ enum Fault {
         after: u64,
         away: Duration,
     },
+    /// The reward server shuts down for good: the actors cannot score, and
+    /// the job stalls.
+    RewardServerGone {
+        after: u64,
+    },
     /// The job names a base checkpoint that does not exist: every attempt
     /// at training fails.
     MissingBase,
@@ -239,7 +244,8 @@ impl Fault {
             Fault::None | Fault::MissingBase | Fault::MalformedBatches => None,
             Fault::KillLearner { after }
             | Fault::KillActor { after }
-            | Fault::RewardServerAway { after, .. } => Some(after),
+            | Fault::RewardServerAway { after, .. }
+            | Fault::RewardServerGone { after } => Some(after),
         }
     }
 }
@@ -629,6 +635,11 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
                                 tokio::time::sleep(away).await;
                                 start(rewards_addr, token).await
                             }));
+                        }
+                        Fault::RewardServerGone { .. } => {
+                            let (server, token) = rewards.take().unwrap();
+                            token.cancel();
+                            server.wait().await.unwrap();
                         }
                     }
                 }
@@ -1034,29 +1045,42 @@ async fn malformed_batches_are_dropped_as_invalid_and_the_job_goes_on() {
     outcome.assert_every_rollout_accounted_for();
 }
 
-/// `max_wall_time` ends a job: here 2 s, long before its 60 steps.
-#[tokio::test]
-async fn a_job_stops_at_its_wall_time() {
+/// Runs a job of `steps` steps with a wall time of 2 s, and `fault`;
+/// checks that the wall time stopped it, and returns the steps it took.
+async fn run_to_wall_time(steps: u64, fault: Fault) -> u64 {
     let outcome = run_job(
         Shape {
             edit: |spec| {
-                let stop = spec.stop.as_mut().unwrap();
-                stop.max_steps = Some(60);
-                stop.max_wall_time = Some(prost_types::Duration {
+                spec.stop.as_mut().unwrap().max_wall_time = Some(prost_types::Duration {
                     seconds: 2,
                     nanos: 0,
                 });
             },
-            ..Shape::small(60)
+            ..Shape::small(steps)
         },
-        Fault::None,
+        fault,
     )
     .await;
     assert_eq!(outcome.end, Some(JobState::Succeeded as i32));
     assert_eq!(outcome.failure, "stopped: STOP_REASON_WALL_TIME");
-    let steps = outcome.points.len() as u64;
-    assert!((1..60).contains(&steps), "{steps} steps");
+    let taken = outcome.points.len() as u64;
+    assert!((1..steps).contains(&taken), "{taken} steps");
+    taken
+}
+
+/// `max_wall_time` ends a job: here 2 s, long before its 60 steps.
+#[tokio::test]
+async fn a_job_stops_at_its_wall_time() {
+    let steps = run_to_wall_time(60, Fault::None).await;
     println!("stopped at its wall time of 2 s after {steps} steps");
+}
+
+/// A job whose actors stall (here: its reward server is gone for good)
+/// still ends at its wall time, while the learner waits for rollouts.
+#[tokio::test]
+async fn a_stalled_job_stops_at_its_wall_time() {
+    let steps = run_to_wall_time(1_000, Fault::RewardServerGone { after: 1 }).await;
+    println!("stalled after {steps} steps, stopped at its wall time of 2 s");
 }
 
 /// A job with stages stops on its own `spec.stop` too: here after 3 steps

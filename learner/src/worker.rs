@@ -1190,7 +1190,8 @@ mod tests {
             usable(&entry, "main", &specs, 2, 0, 2).map(|b| b.rollouts.len())
         };
         assert_eq!(check(&scored_batch(2)), Ok(4));
-        let broken: [(&str, fn(&mut ScoredBatch)); 6] = [
+        type Breakage = (&'static str, fn(&mut ScoredBatch));
+        let broken: [Breakage; 6] = [
             ("missing score", |b| b.rollouts[1].scores.clear()),
             ("NaN score", |b| {
                 b.rollouts[2].scores.get_mut("quality").unwrap().value = f64::NAN

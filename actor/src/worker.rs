@@ -56,8 +56,9 @@ impl Actor {
     pub fn new(config: Config, metrics: Metrics) -> Result<Self> {
         let device = encore_model::device(&config.device)
             .map_err(|e| Error::Config(format!("actor.device: {e}")))?;
-        let coordinator = CoordinatorClient::new(&config.coordinator, &config.token()?)
-            .map_err(|e| Error::Config(format!("actor.{e}")))?;
+        let coordinator =
+            CoordinatorClient::new(&config.coordinator, &config.token()?, config.tls.as_ref())
+                .map_err(|e| Error::Config(format!("actor.{e}")))?;
         Ok(Self {
             config,
             metrics,

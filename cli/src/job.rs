@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use encore_coordinator::auth::BearerToken;
+use encore_coordinator::config::CoordinatorTls;
 use encore_proto::v1::job_service_client::JobServiceClient;
 use encore_proto::v1::{
     CancelJobRequest, GetJobRequest, Job, JobSpec, JobState, ListJobsRequest, MetricPoint, Page,
@@ -24,7 +25,7 @@ use encore_proto::v1::{
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// `encore job ...`.
 #[derive(Debug, Args)]
@@ -37,6 +38,10 @@ pub struct JobArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     pub coordinator: String,
+    /// For an https:// coordinator: the CA certificate (PEM) its
+    /// certificate chains to.
+    #[arg(long, global = true, env = "ENCORE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// A client token of the coordinator (`auth.client_tokens`).
     #[arg(long, global = true, env = "ENCORE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -117,8 +122,15 @@ async fn run_async(args: JobArgs) -> anyhow::Result<()> {
         JobCommand::Submit { spec, .. } => Some(read_spec(spec)?),
         _ => None,
     };
-    let endpoint = Endpoint::from_shared(args.coordinator.clone())
-        .with_context(|| format!("--coordinator {:?} is not a URL", args.coordinator))?
+    let tls = args.tls_ca.clone().map(|ca| CoordinatorTls { ca });
+    let endpoint = encore_coordinator::member::endpoint(&args.coordinator, tls.as_ref())
+        // Named by the flags, not the config keys.
+        .map_err(
+            |e| match e.strip_prefix("tls.ca: ").or(e.strip_prefix("tls: ")) {
+                Some(why) => anyhow::anyhow!("--tls-ca: {why}"),
+                None => anyhow::anyhow!("--{e}"),
+            },
+        )?
         .connect_timeout(Duration::from_secs(10));
     let channel = endpoint
         .connect()

@@ -4,10 +4,11 @@
 //! token, a misspelt field, a spec the coordinator refuses).
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Output;
 
-use encore_coordinator::config::AuthConfig;
-use encore_coordinator::{Config, Coordinator};
+use encore_coordinator::config::{AuthConfig, TlsConfig};
+use encore_coordinator::{Config, Coordinator, RunningCoordinator};
 use encore_testkit::RedisServer;
 use tokio_util::sync::CancellationToken;
 
@@ -39,18 +40,22 @@ fn stderr_of_failure(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-#[tokio::test]
-async fn the_job_cli_drives_a_coordinator_on_redis() {
-    let redis = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let stop = CancellationToken::new();
-    let coordinator = Coordinator::new(Config {
+/// A coordinator on `store` (TLS with `tls`) taking the test's client
+/// token, until `stop`.
+async fn coordinator(
+    store: String,
+    dir: &Path,
+    tls: Option<TlsConfig>,
+    stop: &CancellationToken,
+) -> RunningCoordinator {
+    Coordinator::new(Config {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         admin: SocketAddr::from(([127, 0, 0, 1], 0)),
-        store: redis.url(),
-        blob_dir: dir.path().join("blobs"),
-        checkpoint_dir: dir.path().join("checkpoints"),
+        store,
+        blob_dir: dir.join("blobs"),
+        checkpoint_dir: dir.join("checkpoints"),
         shutdown_grace_ms: 500,
+        tls,
         auth: AuthConfig {
             client_tokens: vec![format!("alice:{TOKEN}")],
             worker_token: Some("worker".into()),
@@ -60,7 +65,15 @@ async fn the_job_cli_drives_a_coordinator_on_redis() {
     })
     .start(stop.clone())
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_job_cli_drives_a_coordinator_on_redis() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let stop = CancellationToken::new();
+    let coordinator = coordinator(redis.url(), dir.path(), None, &stop).await;
     let url = format!("http://{}", coordinator.grpc_addr());
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/ru-tiny.toml");
 
@@ -132,6 +145,41 @@ async fn the_job_cli_drives_a_coordinator_on_redis() {
         err.contains("INVALID_ARGUMENT") && err.contains("spec.algorithm.samples_per_prompt"),
         "{err}"
     );
+
+    stop.cancel();
+    coordinator.wait().await.unwrap();
+}
+
+/// `--tls-ca` lets the CLI reach a coordinator that speaks TLS; without it,
+/// an https:// coordinator is refused before any connection, naming the flag.
+#[tokio::test]
+async fn the_job_cli_reaches_a_tls_coordinator_through_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, key.cert.pem()).unwrap();
+    std::fs::write(&key_file, key.signing_key.serialize_pem()).unwrap();
+    let stop = CancellationToken::new();
+    let store = format!("embedded://{}", dir.path().join("state").display());
+    let tls = TlsConfig {
+        cert: cert.clone(),
+        key: key_file,
+    };
+    let coordinator = coordinator(store, dir.path(), Some(tls), &stop).await;
+    let url = format!("https://localhost:{}", coordinator.grpc_addr().port());
+
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/ru-tiny.toml");
+    let ca = cert.to_str().unwrap();
+    let out = stdout(
+        &encore(
+            &url,
+            &["submit", example, "--validate-only", "--tls-ca", ca],
+        )
+        .await,
+    );
+    assert!(out.contains("valid"), "{out}");
+    let err = stderr_of_failure(&encore(&url, &["list"]).await);
+    assert!(err.contains("--tls-ca: required"), "{err}");
 
     stop.cancel();
     coordinator.wait().await.unwrap();

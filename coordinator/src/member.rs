@@ -29,9 +29,10 @@ use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::auth::BearerToken;
+use crate::config::CoordinatorTls;
 
 /// A ClusterService client carrying the worker token.
 pub type ClusterClient = ClusterServiceClient<InterceptedService<Channel, BearerToken>>;
@@ -47,13 +48,39 @@ pub struct CoordinatorClient {
     token: BearerToken,
 }
 
+/// An endpoint for the coordinator at `url`: TLS trusting `tls.ca` for an
+/// `https://` URL, which needs it, plaintext for `http://`. Errors name the
+/// setting relative to the client's section (`coordinator`, `tls.ca`).
+pub fn endpoint(url: &str, tls: Option<&CoordinatorTls>) -> Result<Endpoint, String> {
+    let endpoint =
+        Endpoint::from_shared(url.to_owned()).map_err(|e| format!("coordinator: {e}"))?;
+    let https = endpoint.uri().scheme_str() == Some("https");
+    match (tls, https) {
+        (Some(tls), true) => {
+            let pem =
+                std::fs::read(&tls.ca).map_err(|e| format!("tls.ca: {}: {e}", tls.ca.display()))?;
+            endpoint
+                .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+                .map_err(|e| format!("tls.ca: {e}"))
+        }
+        (None, true) => Err(format!(
+            "tls.ca: required for the https:// coordinator {url}: the CA certificate (PEM) \
+             its certificate chains to"
+        )),
+        (Some(_), false) => Err(format!(
+            "tls: set, but the coordinator URL {url} is not https://"
+        )),
+        (None, false) => Ok(endpoint),
+    }
+}
+
 impl CoordinatorClient {
-    /// Clients of the coordinator at `url` with `token`; fails, naming the
-    /// problem, on a malformed URL or token. Nothing is connected yet.
-    pub fn new(url: &str, token: &str) -> Result<Self, String> {
+    /// Clients of the coordinator at `url` with `token`, over TLS with
+    /// `tls` (see [`endpoint`]); fails, naming the problem, on a malformed
+    /// URL or token or an unreadable CA. Nothing is connected yet.
+    pub fn new(url: &str, token: &str, tls: Option<&CoordinatorTls>) -> Result<Self, String> {
         let token = BearerToken::new(token).map_err(|e| format!("worker_token: {e}"))?;
-        let endpoint =
-            Channel::from_shared(url.to_owned()).map_err(|e| format!("coordinator: {e}"))?;
+        let endpoint = endpoint(url, tls)?;
         let channel = crate::weights::client::tune_endpoint(endpoint)
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)

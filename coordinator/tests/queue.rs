@@ -22,7 +22,7 @@ async fn workers_use_an_embedded_coordinators_queue_over_grpc() {
     let config = test_config(&store, dir.path());
     assert_eq!(config.rollout_queue_uri(), COORDINATOR_QUEUE_URI);
     let c = TestCoordinator::start(config).await;
-    let client = CoordinatorClient::new(&c.url(), WORKER).unwrap();
+    let client = CoordinatorClient::new(&c.url(), WORKER, None).unwrap();
     let queue = open_queue(COORDINATOR_QUEUE_URI, &client).await.unwrap();
 
     // Bounded appends: the third is refused while two are unacknowledged.

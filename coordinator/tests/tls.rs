@@ -1,12 +1,14 @@
 //! TLS by configuration: with `coordinator.tls` set, the gRPC port speaks
 //! TLS with the configured certificate, a client that trusts it works, and
-//! a plaintext client does not get through.
+//! a plaintext client does not get through. Workers reach it with
+//! `tls.ca` (learner/tests/rl_loop.rs runs a whole job that way).
 
 mod support;
 
-use encore_coordinator::config::TlsConfig;
-use encore_proto::v1::ListJobsRequest;
+use encore_coordinator::config::{CoordinatorTls, TlsConfig};
+use encore_coordinator::member::CoordinatorClient;
 use encore_proto::v1::job_service_client::JobServiceClient;
+use encore_proto::v1::{ListJobsRequest, Role};
 use support::*;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
@@ -48,5 +50,59 @@ async fn the_grpc_port_speaks_tls_when_configured() {
         let mut jobs = JobServiceClient::with_interceptor(channel, bearer(ALICE));
         assert!(jobs.list(ListJobsRequest::default()).await.is_err());
     }
+    c.stop().await;
+}
+
+/// A TLS coordinator serving a self-signed certificate for "localhost",
+/// written to `dir/cert.pem` (which is then also its CA).
+async fn tls_coordinator(dir: &std::path::Path) -> TestCoordinator {
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), key.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.signing_key.serialize_pem()).unwrap();
+    let store = format!("embedded://{}", dir.join("state").display());
+    let mut config = test_config(&store, dir);
+    config.tls = Some(TlsConfig {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    });
+    TestCoordinator::start(config).await
+}
+
+#[tokio::test]
+async fn a_worker_reaches_a_tls_coordinator_through_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = tls_coordinator(dir.path()).await;
+    let url = format!("https://localhost:{}", c.running.grpc_addr().port());
+    let ca = |path: std::path::PathBuf| CoordinatorTls { ca: path };
+
+    // With the CA, the worker's client registers.
+    let trusted = ca(dir.path().join("cert.pem"));
+    let client = CoordinatorClient::new(&url, WORKER, Some(&trusted)).unwrap();
+    let registered = client
+        .cluster()
+        .register(register(Role::Actor, "tls-actor"))
+        .await
+        .expect("a worker that trusts the CA registers")
+        .into_inner();
+    assert!(!registered.member_id.is_empty());
+
+    // Without one, an https:// coordinator is refused up front, naming the
+    // setting; with another CA, the handshake fails.
+    let err = CoordinatorClient::new(&url, WORKER, None).unwrap_err();
+    assert!(err.starts_with("tls.ca: required"), "{err}");
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(dir.path().join("other.pem"), other.cert.pem()).unwrap();
+    let stranger =
+        CoordinatorClient::new(&url, WORKER, Some(&ca(dir.path().join("other.pem")))).unwrap();
+    let refused = stranger
+        .cluster()
+        .register(register(Role::Actor, "tls-stranger"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    // A CA for a plaintext URL is a mistake too.
+    let plain = format!("http://127.0.0.1:{}", c.running.grpc_addr().port());
+    let err = CoordinatorClient::new(&plain, WORKER, Some(&trusted)).unwrap_err();
+    assert!(err.starts_with("tls: set"), "{err}");
     c.stop().await;
 }

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use encore_coordinator::config::CoordinatorTls;
 use serde::{Deserialize, Serialize};
 
 use crate::error::LearnerError;
@@ -19,6 +20,9 @@ pub const SECTION: &str = "learner";
 pub struct Config {
     /// The coordinator's gRPC URL.
     pub coordinator: String,
+    /// TLS towards an `https://` coordinator: `ca`, the CA certificate
+    /// (PEM) its certificate chains to. Required for `https://`.
+    pub tls: Option<CoordinatorTls>,
     /// The worker token (or `worker_token_file`).
     pub worker_token: Option<String>,
     /// A file holding the worker token.
@@ -49,6 +53,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             coordinator: "http://127.0.0.1:50051".into(),
+            tls: None,
             worker_token: None,
             worker_token_file: None,
             instance_id: String::new(),
@@ -79,6 +84,8 @@ impl Config {
             |key: &str, why: String| Err(LearnerError::Config(format!("{SECTION}.{key}: {why}")));
         encore_config::check_url(&format!("{SECTION}.coordinator"), &self.coordinator)
             .map_err(|e| LearnerError::Config(e.to_string()))?;
+        encore_coordinator::member::endpoint(&self.coordinator, self.tls.as_ref())
+            .map_err(|e| LearnerError::Config(format!("{SECTION}.{e}")))?;
         if self.keep_checkpoints == 0 {
             return bad("keep_checkpoints", "must be at least 1".into());
         }

@@ -76,8 +76,9 @@ impl Learner {
     pub fn new(config: Config, registry: &prometheus::Registry) -> Result<Self, LearnerError> {
         let metrics = Metrics::new(registry)?;
         let device = encore_model::device(&config.device)?;
-        let coordinator = CoordinatorClient::new(&config.coordinator, &config.token()?)
-            .map_err(|e| LearnerError::Config(format!("learner.{e}")))?;
+        let coordinator =
+            CoordinatorClient::new(&config.coordinator, &config.token()?, config.tls.as_ref())
+                .map_err(|e| LearnerError::Config(format!("learner.{e}")))?;
         let listener = TcpListener::bind(config.listen)
             .map_err(|e| LearnerError::io(Path::new(&config.listen.to_string()), e))?;
         let bound = listener
@@ -341,6 +342,7 @@ impl Learner {
         let mut recent: VecDeque<f64> = VecDeque::new();
         loop {
             let stage = plan.stages[state.stage_index as usize].clone();
+            let last_stage = state.stage_index as usize + 1 >= plan.stages.len();
             let specs = reward_specs(&stage)?;
             let latest = self
                 .latest_version(job_id)
@@ -367,6 +369,28 @@ impl Learner {
                         };
                         match read?.pop() {
                             Some(entry) => entry,
+                            // A wall time that ends the job does not wait
+                            // for a step that may never come (stalled
+                            // actors): rank 0 ends the job now, and the
+                            // other ranks' assignments end with it.
+                            None if rank == 0
+                                && waited_out(&stage, &plan, last_stage, &state, &recent) =>
+                            {
+                                tracing::info!(
+                                    job_id,
+                                    step = state.step,
+                                    "wall time reached while waiting for rollouts"
+                                );
+                                self.report(
+                                    membership,
+                                    job_id,
+                                    None,
+                                    None,
+                                    Some(StopReason::WallTime),
+                                )
+                                .await?;
+                                return Ok(());
+                            }
                             None => continue,
                         }
                     }
@@ -461,7 +485,6 @@ impl Learner {
                     .phase(job_id, Phase::Publish, publish_started.elapsed());
             }
             self.metrics.policy_version(job_id, state.policy_version);
-            let last_stage = state.stage_index as usize + 1 >= plan.stages.len();
             let stop = stop_reason(
                 &stage,
                 plan.job_stop.as_ref(),
@@ -533,7 +556,7 @@ impl Learner {
                 };
                 let job_stop = stop.filter(|s| s.ends_job).map(|s| s.reason);
                 let answer = self
-                    .report(membership, job_id, point, stage_change, job_stop)
+                    .report(membership, job_id, Some(point), stage_change, job_stop)
                     .await?;
                 self.metrics
                     .phase(job_id, Phase::Report, report_started.elapsed());
@@ -630,7 +653,7 @@ impl Learner {
         &self,
         membership: &Membership,
         job_id: &str,
-        point: MetricPoint,
+        point: Option<MetricPoint>,
         stage_change: Option<StageChange>,
         stop: Option<StopReason>,
     ) -> Result<i32, LearnerError> {
@@ -639,7 +662,7 @@ impl Learner {
             .report_progress(ReportProgressRequest {
                 member_id: membership.member_id.clone(),
                 job_id: job_id.to_owned(),
-                metrics: vec![point],
+                metrics: point.into_iter().collect(),
                 stage_change,
                 stop_reason: stop.map_or(0, |s| s as i32),
                 failure_message: String::new(),
@@ -991,6 +1014,26 @@ fn stop_reason(
     })
 }
 
+/// Whether a wall time that ends the job has passed (checked while waiting
+/// for rollouts, between steps).
+fn waited_out(
+    stage: &Stage,
+    plan: &Plan,
+    last_stage: bool,
+    state: &LearnerCheckpoint,
+    recent: &VecDeque<f64>,
+) -> bool {
+    let stop = stop_reason(
+        stage,
+        plan.job_stop.as_ref(),
+        last_stage,
+        state,
+        recent,
+        unix_ms(),
+    );
+    stop.is_some_and(|s| s.ends_job && s.reason == StopReason::WallTime)
+}
+
 /// Whether `limit` (none: no limit) has passed between `since_ms` and
 /// `now_ms`.
 fn past(limit: Option<&prost_types::Duration>, since_ms: u64, now_ms: u64) -> bool {
@@ -1170,7 +1213,8 @@ mod tests {
             usable(&entry, "main", &specs, 2, 0, 2).map(|b| b.rollouts.len())
         };
         assert_eq!(check(&scored_batch(2)), Ok(4));
-        let broken: [(&str, fn(&mut ScoredBatch)); 6] = [
+        type Breakage = (&'static str, fn(&mut ScoredBatch));
+        let broken: [Breakage; 6] = [
             ("missing score", |b| b.rollouts[1].scores.clear()),
             ("NaN score", |b| {
                 b.rollouts[2].scores.get_mut("quality").unwrap().value = f64::NAN

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use candle_core::Device;
 use encore_coordinator::auth::BearerToken;
-use encore_coordinator::config::AuthConfig;
+use encore_coordinator::config::{AuthConfig, CoordinatorTls, TlsConfig};
 use encore_coordinator::{Config, Coordinator};
 use encore_model::pretrain::PretrainConfig;
 use encore_model::{Preset, TrainablePolicy};
@@ -29,7 +29,6 @@ use encore_testkit::RedisServer;
 use prost::Message;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 const PATIENCE: Duration = Duration::from_secs(300);
 const WORKER: &str = "worker-token";
@@ -125,6 +124,10 @@ struct Shape {
     embedded: bool,
     /// Changes the test's spec before it is submitted.
     edit: fn(&mut JobSpec),
+    /// The coordinator speaks TLS (a self-signed certificate for
+    /// localhost), and every worker and the job client trust it through
+    /// `tls.ca`.
+    tls: bool,
 }
 
 impl Shape {
@@ -144,6 +147,7 @@ impl Shape {
             queue_max_batches: 64,
             embedded: false,
             edit: |_| {},
+            tls: false,
         }
     }
 }
@@ -221,6 +225,11 @@ enum Fault {
         after: u64,
         away: Duration,
     },
+    /// The reward server shuts down for good: the actors cannot score, and
+    /// the job stalls.
+    RewardServerGone {
+        after: u64,
+    },
     /// The job names a base checkpoint that does not exist: every attempt
     /// at training fails.
     MissingBase,
@@ -235,7 +244,8 @@ impl Fault {
             Fault::None | Fault::MissingBase | Fault::MalformedBatches => None,
             Fault::KillLearner { after }
             | Fault::KillActor { after }
-            | Fault::RewardServerAway { after, .. } => Some(after),
+            | Fault::RewardServerAway { after, .. }
+            | Fault::RewardServerGone { after } => Some(after),
         }
     }
 }
@@ -368,8 +378,12 @@ enum Rank {
 
 impl Rank {
     /// Starts a rank as the `encore-learner` binary.
-    fn process(url: &str, work_dir: &std::path::Path) -> Rank {
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_encore-learner"))
+    fn process(url: &str, ca: Option<&CoordinatorTls>, work_dir: &std::path::Path) -> Rank {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_encore-learner"));
+        if let Some(ca) = ca {
+            command.env("ENCORE_LEARNER__TLS__CA", &ca.ca);
+        }
+        let child = command
             .env("ENCORE_LEARNER__COORDINATOR", url)
             .env("ENCORE_LEARNER__WORKER_TOKEN", WORKER)
             .env("ENCORE_LEARNER__ADMIN", "127.0.0.1:0")
@@ -445,6 +459,19 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
     let quality_dir = dir.path().join("quality");
     quality_model.save(&quality_dir).unwrap();
 
+    // A self-signed certificate: its own CA.
+    let tls = shape.tls.then(|| {
+        let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let (cert, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, key.cert.pem()).unwrap();
+        std::fs::write(&key_file, key.signing_key.serialize_pem()).unwrap();
+        TlsConfig {
+            cert,
+            key: key_file,
+        }
+    });
+    let ca = tls.as_ref().map(|t| CoordinatorTls { ca: t.cert.clone() });
+
     let stop = CancellationToken::new();
     let coordinator = Coordinator::new(Config {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -455,6 +482,7 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
         shutdown_grace_ms: 1_000,
         // Short, so a killed learner's rank is handed on quickly.
         lease_ttl_ms: 1_000,
+        tls: tls.clone(),
         auth: AuthConfig {
             client_tokens: vec![format!("alice:{CLIENT}")],
             worker_token: Some(WORKER.into()),
@@ -465,18 +493,22 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
     .start(stop.clone())
     .await
     .unwrap();
-    let url = format!("http://{}", coordinator.grpc_addr());
+    let url = match &tls {
+        Some(_) => format!("https://localhost:{}", coordinator.grpc_addr().port()),
+        None => format!("http://{}", coordinator.grpc_addr()),
+    };
 
     let reward_server = {
-        let (url, quality_dir) = (url.clone(), quality_dir.clone());
+        let (url, quality_dir, ca) = (url.clone(), quality_dir.clone(), ca.clone());
         move |listen: SocketAddr, token: CancellationToken| {
-            let (url, quality_dir) = (url.clone(), quality_dir.clone());
+            let (url, quality_dir, ca) = (url.clone(), quality_dir.clone(), ca.clone());
             async move {
                 ServerBuilder::new(RewardServerConfig {
                     listen,
                     admin: SocketAddr::from(([127, 0, 0, 1], 0)),
                     shutdown_grace_ms: 500,
                     coordinator: url,
+                    tls: ca,
                     worker_token: Some(WORKER.into()),
                     ..RewardServerConfig::default()
                 })
@@ -505,6 +537,7 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
         actors.push(tokio::spawn(encore_actor::run_with(
             encore_actor::Config {
                 coordinator: url.clone(),
+                tls: ca.clone(),
                 worker_token: Some(WORKER.into()),
                 admin: SocketAddr::from(([127, 0, 0, 1], 0)),
                 work_dir: dir.path().join("actor"),
@@ -520,11 +553,12 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
     let learner_dir = dir.path().join("learner");
     let learner = || {
         if processes {
-            return Rank::process(&url, &learner_dir);
+            return Rank::process(&url, ca.as_ref(), &learner_dir);
         }
         Rank::Task(tokio::spawn(encore_learner::run_with(
             encore_learner::Config {
                 coordinator: url.clone(),
+                tls: ca.clone(),
                 worker_token: Some(WORKER.into()),
                 admin: SocketAddr::from(([127, 0, 0, 1], 0)),
                 work_dir: learner_dir.clone(),
@@ -536,7 +570,7 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
     };
     let mut learners: Vec<Rank> = (0..shape.ranks).map(|_| learner()).collect();
 
-    let channel = Channel::from_shared(url.clone())
+    let channel = encore_coordinator::member::endpoint(&url, ca.as_ref())
         .unwrap()
         .connect()
         .await
@@ -601,6 +635,11 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
                                 tokio::time::sleep(away).await;
                                 start(rewards_addr, token).await
                             }));
+                        }
+                        Fault::RewardServerGone { .. } => {
+                            let (server, token) = rewards.take().unwrap();
+                            token.cancel();
+                            server.wait().await.unwrap();
                         }
                     }
                 }
@@ -1006,29 +1045,42 @@ async fn malformed_batches_are_dropped_as_invalid_and_the_job_goes_on() {
     outcome.assert_every_rollout_accounted_for();
 }
 
-/// `max_wall_time` ends a job: here 2 s, long before its 60 steps.
-#[tokio::test]
-async fn a_job_stops_at_its_wall_time() {
+/// Runs a job of `steps` steps with a wall time of 2 s, and `fault`;
+/// checks that the wall time stopped it, and returns the steps it took.
+async fn run_to_wall_time(steps: u64, fault: Fault) -> u64 {
     let outcome = run_job(
         Shape {
             edit: |spec| {
-                let stop = spec.stop.as_mut().unwrap();
-                stop.max_steps = Some(60);
-                stop.max_wall_time = Some(prost_types::Duration {
+                spec.stop.as_mut().unwrap().max_wall_time = Some(prost_types::Duration {
                     seconds: 2,
                     nanos: 0,
                 });
             },
-            ..Shape::small(60)
+            ..Shape::small(steps)
         },
-        Fault::None,
+        fault,
     )
     .await;
     assert_eq!(outcome.end, Some(JobState::Succeeded as i32));
     assert_eq!(outcome.failure, "stopped: STOP_REASON_WALL_TIME");
-    let steps = outcome.points.len() as u64;
-    assert!((1..60).contains(&steps), "{steps} steps");
+    let taken = outcome.points.len() as u64;
+    assert!((1..steps).contains(&taken), "{taken} steps");
+    taken
+}
+
+/// `max_wall_time` ends a job: here 2 s, long before its 60 steps.
+#[tokio::test]
+async fn a_job_stops_at_its_wall_time() {
+    let steps = run_to_wall_time(60, Fault::None).await;
     println!("stopped at its wall time of 2 s after {steps} steps");
+}
+
+/// A job whose actors stall (here: its reward server is gone for good)
+/// still ends at its wall time, while the learner waits for rollouts.
+#[tokio::test]
+async fn a_stalled_job_stops_at_its_wall_time() {
+    let steps = run_to_wall_time(1_000, Fault::RewardServerGone { after: 1 }).await;
+    println!("stalled after {steps} steps, stopped at its wall time of 2 s");
 }
 
 /// A job with stages stops on its own `spec.stop` too: here after 3 steps
@@ -1061,4 +1113,24 @@ async fn the_jobs_own_stop_condition_ends_a_staged_job() {
     outcome.assert_succeeded_after(3);
     assert_eq!(outcome.failure, "stopped: STOP_REASON_MAX_STEPS");
     assert!(outcome.points.iter().all(|p| p.stage == "A"));
+}
+
+/// TLS end to end: the coordinator serves a self-signed certificate, and the
+/// reward server, the actor, the learner rank (the `encore-learner` binary,
+/// given `ENCORE_LEARNER__TLS__CA`) and the job client all reach it over
+/// `https://` with the certificate as `tls.ca`. The learner is killed
+/// mid-job, and its successor connects the same way.
+#[tokio::test]
+async fn workers_run_a_job_on_a_tls_coordinator() {
+    const STEPS_TLS: u64 = 8;
+    let outcome = run_job(
+        Shape {
+            tls: true,
+            ..Shape::small(STEPS_TLS)
+        },
+        Fault::KillLearner { after: 3 },
+    )
+    .await;
+    outcome.assert_succeeded_after(STEPS_TLS);
+    outcome.assert_every_rollout_accounted_for();
 }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use encore_coordinator::config::CoordinatorTls;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -78,6 +79,9 @@ pub struct Config {
     /// The coordinator to join as a reward server (its gRPC URL), so that
     /// jobs find the models hosted here; empty runs stand-alone.
     pub coordinator: String,
+    /// TLS towards an `https://` coordinator: `ca`, the CA certificate
+    /// (PEM) its certificate chains to. Required for `https://`.
+    pub tls: Option<CoordinatorTls>,
     /// The worker token presented to the coordinator (or
     /// `worker_token_file`).
     pub worker_token: Option<String>,
@@ -103,6 +107,7 @@ impl Default for Config {
             device: "cpu".into(),
             shutdown_grace_ms: 10_000,
             coordinator: String::new(),
+            tls: None,
             worker_token: None,
             worker_token_file: None,
             advertise: String::new(),
@@ -165,6 +170,8 @@ impl Config {
         if !self.coordinator.is_empty() {
             encore_config::check_url(&format!("{SECTION}.coordinator"), &self.coordinator)
                 .map_err(|e| Error::Config(e.to_string()))?;
+            encore_coordinator::member::endpoint(&self.coordinator, self.tls.as_ref())
+                .map_err(|e| Error::Config(format!("{SECTION}.{e}")))?;
             self.worker_token()?;
         }
         if let Err(e) = encore_model::device(&self.device) {

@@ -240,7 +240,7 @@ async fn join_cluster(
 ) {
     let (token, endpoint) = match (
         config.worker_token(),
-        tonic::transport::Channel::from_shared(config.coordinator.clone()),
+        encore_coordinator::member::endpoint(&config.coordinator, config.tls.as_ref()),
     ) {
         (Ok(token), Ok(endpoint)) => (token, endpoint),
         (Err(e), _) => return tracing::error!(error = %e, "cannot join the coordinator"),

@@ -228,8 +228,8 @@ pub(super) fn evaluate(
         let mut answers = Tally::default();
         let (mut expected, mut judged) = (0.0, 0.0);
         for (i, e) in prompts.iter().enumerate() {
-            for s in 0..plan.samples {
-                let (fa, fb) = (&features[ai][i][s], &features[bi][i][s]);
+            // Sample s of A against sample s of B.
+            for (fa, fb) in features[ai][i].iter().zip(&features[bi][i]) {
                 for rater in &raters {
                     answers.add(rater.prefer_of(&e.attributes, &e.mentioned, fa, fb, &mut rng));
                 }

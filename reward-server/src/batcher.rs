@@ -445,10 +445,7 @@ fn score_batch(
     let inputs: Vec<ScoreInput<'_>> = batch
         .iter()
         .flat_map(|entry| entry.items.iter())
-        .map(|item| ScoreInput {
-            caption: &item.caption,
-            tokens: &item.tokens,
-        })
+        .map(|item| ScoreInput::tokens(&item.caption, &item.tokens))
         .collect();
     match score_chunks(model, scorer, &inputs, max_batch_items, metrics) {
         Ok(scores) => {
@@ -470,10 +467,7 @@ fn score_batch(
                 let inputs: Vec<ScoreInput<'_>> = entry
                     .items
                     .iter()
-                    .map(|item| ScoreInput {
-                        caption: &item.caption,
-                        tokens: &item.tokens,
-                    })
+                    .map(|item| ScoreInput::tokens(&item.caption, &item.tokens))
                     .collect();
                 let reply = score_chunks(model, scorer, &inputs, max_batch_items, metrics);
                 let _ = entry.reply.send(reply);
@@ -548,6 +542,8 @@ mod tests {
 
     use prometheus::Registry;
 
+    use encore_reward::Clip;
+
     use super::*;
     use crate::metrics::Metrics;
 
@@ -557,17 +553,25 @@ mod tests {
         calls: Arc<Mutex<Vec<usize>>>,
     }
 
+    /// The first token of a clip (the first sample of an audio clip).
+    fn first(input: &ScoreInput<'_>) -> u32 {
+        match input.clip {
+            Clip::Tokens(tokens) => tokens[0],
+            Clip::Audio(samples) => samples[0] as u32,
+        }
+    }
+
     impl Scorer for Recorder {
         fn score(&self, items: &[ScoreInput<'_>]) -> Result<Vec<f32>, RewardError> {
             self.calls.lock().unwrap().push(items.len());
-            assert!(items.iter().all(|i| i.tokens[0] != 999), "token 999");
+            assert!(items.iter().all(|i| first(i) != 999), "token 999");
             Ok(items
                 .iter()
                 .map(|i| {
-                    if i.tokens[0] == 666 {
+                    if first(i) == 666 {
                         f32::NAN
                     } else {
-                        i.tokens[0] as f32
+                        first(i) as f32
                     }
                 })
                 .collect())

@@ -54,10 +54,7 @@ async fn scores_match_the_models_called_directly_for_all_three_kinds() {
 
     let inputs: Vec<ScoreInput<'_>> = items
         .iter()
-        .map(|i| ScoreInput {
-            caption: &i.caption,
-            tokens: &i.tokens,
-        })
+        .map(|i| ScoreInput::tokens(&i.caption, &i.tokens))
         .collect();
     for spec in &specs {
         let direct = RewardModel::load(&spec.path, &Device::Cpu).unwrap();
@@ -345,10 +342,7 @@ async fn concurrent_requests_are_scored_in_shared_batches() {
     let alone = load();
     for (item, got) in items.iter().zip(&served) {
         let want = alone
-            .score(&[ScoreInput {
-                caption: &item.caption,
-                tokens: &item.tokens,
-            }])
+            .score(&[ScoreInput::tokens(&item.caption, &item.tokens)])
             .unwrap()[0];
         assert!((got - f64::from(want)).abs() < 1e-5, "{got} vs {want}");
     }

@@ -34,7 +34,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use encore_proto::v1::ScoreItem;
-use encore_reward::{RewardError, RewardModel, ScoreInput};
+use encore_reward::{Clip, RewardError, RewardModel, ScoreInput};
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
@@ -66,7 +66,49 @@ pub(crate) struct BatchConfig {
 
 /// The items of one request, shared by the batchers of every model it
 /// names.
-pub(crate) type Items = Arc<[ScoreItem]>;
+pub(crate) type Items = Arc<[Item]>;
+
+/// One item as the models take it.
+#[derive(Debug, Clone)]
+pub(crate) struct Item {
+    /// The prompt caption.
+    pub caption: String,
+    /// Its music.
+    pub clip: OwnedClip,
+}
+
+/// The music of an item: the embedded codec's tokens, or the 16 kHz audio
+/// the audio codec decoded from EnCodec codes.
+#[derive(Debug, Clone)]
+pub(crate) enum OwnedClip {
+    /// Tokens of the embedded codec.
+    Tokens(Vec<u32>),
+    /// A 16 kHz mono waveform.
+    Audio(Vec<f32>),
+}
+
+impl Item {
+    /// The item as a model's input.
+    fn input(&self) -> ScoreInput<'_> {
+        ScoreInput {
+            caption: &self.caption,
+            clip: match &self.clip {
+                OwnedClip::Tokens(tokens) => Clip::Tokens(tokens),
+                OwnedClip::Audio(samples) => Clip::Audio(samples),
+            },
+        }
+    }
+}
+
+impl From<ScoreItem> for Item {
+    /// An item of the embedded codec's tokens.
+    fn from(item: ScoreItem) -> Self {
+        Item {
+            caption: item.caption,
+            clip: OwnedClip::Tokens(item.tokens),
+        }
+    }
+}
 
 /// What a handler receives for its entry: one score per item, or why not.
 pub(crate) type Reply = Result<Vec<f32>>;
@@ -445,7 +487,7 @@ fn score_batch(
     let inputs: Vec<ScoreInput<'_>> = batch
         .iter()
         .flat_map(|entry| entry.items.iter())
-        .map(|item| ScoreInput::tokens(&item.caption, &item.tokens))
+        .map(Item::input)
         .collect();
     match score_chunks(model, scorer, &inputs, max_batch_items, metrics) {
         Ok(scores) => {
@@ -464,11 +506,7 @@ fn score_batch(
         Err(_) => {
             drop(inputs);
             for entry in batch {
-                let inputs: Vec<ScoreInput<'_>> = entry
-                    .items
-                    .iter()
-                    .map(|item| ScoreInput::tokens(&item.caption, &item.tokens))
-                    .collect();
+                let inputs: Vec<ScoreInput<'_>> = entry.items.iter().map(Item::input).collect();
                 let reply = score_chunks(model, scorer, &inputs, max_batch_items, metrics);
                 let _ = entry.reply.send(reply);
             }
@@ -542,8 +580,6 @@ mod tests {
 
     use prometheus::Registry;
 
-    use encore_reward::Clip;
-
     use super::*;
     use crate::metrics::Metrics;
 
@@ -613,9 +649,9 @@ mod tests {
     fn items(first_tokens: &[u32]) -> Items {
         first_tokens
             .iter()
-            .map(|&t| ScoreItem {
+            .map(|&t| Item {
                 caption: "c".into(),
-                tokens: vec![t, 3],
+                clip: OwnedClip::Tokens(vec![t, 3]),
             })
             .collect::<Vec<_>>()
             .into()

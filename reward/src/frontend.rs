@@ -63,9 +63,18 @@ impl<'a> From<&'a Vec<u32>> for Clip<'a> {
 /// clip of a few seconds.
 const RESAMPLE_CHUNK: usize = 1024;
 
+/// How many samples [`resample`] makes of `len` samples:
+/// `ceil(len * to_hz / from_hz)`, computed as rubato computes it.
+pub fn resampled_len(len: usize, from_hz: u32, to_hz: u32) -> usize {
+    if from_hz == to_hz {
+        return len;
+    }
+    (f64::from(to_hz) / f64::from(from_hz) * len as f64).ceil() as usize
+}
+
 /// `samples` (mono, at `from_hz`) at `to_hz`, with rubato's FFT resampler:
-/// the output has `ceil(len * to_hz / from_hz)` samples, aligned with the
-/// input (the resampler's delay is trimmed).
+/// [`resampled_len`] samples, aligned with the input (the resampler's delay
+/// is trimmed).
 pub fn resample(samples: &[f32], from_hz: u32, to_hz: u32) -> Result<Vec<f32>, RewardError> {
     if from_hz == to_hz || samples.is_empty() {
         return Ok(samples.to_vec());
@@ -84,8 +93,10 @@ pub fn resample(samples: &[f32], from_hz: u32, to_hz: u32) -> Result<Vec<f32>, R
     let input = InterleavedSlice::new(samples, 1, samples.len()).map_err(|e| fail(&e))?;
     let output = resampler
         .process_all(&input, samples.len(), None)
-        .map_err(|e| fail(&e))?;
-    Ok(output.take_data())
+        .map_err(|e| fail(&e))?
+        .take_data();
+    debug_assert_eq!(output.len(), resampled_len(samples.len(), from_hz, to_hz));
+    Ok(output)
 }
 
 /// Front-end settings, stored in a reward model's config so that a model is
@@ -441,6 +452,16 @@ mod tests {
         // Up, from the tiny EnCodec's 8 kHz: twice the length.
         let up = resample(&sine(440.0, 8_000, 4_001), 8_000, 16_000).unwrap();
         assert_eq!(up.len(), 8_002);
+        for (len, from, to) in [
+            (32_000, 32_000, 16_000),
+            (4_001, 8_000, 16_000),
+            (7, 16_000, 16_000),
+        ] {
+            assert_eq!(
+                resample(&sine(440.0, from, len), from, to).unwrap().len(),
+                resampled_len(len, from, to)
+            );
+        }
         assert_eq!(resample(&input[..7], 16_000, 16_000).unwrap(), &input[..7]);
     }
 

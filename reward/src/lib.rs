@@ -23,7 +23,7 @@ pub mod model;
 pub mod nn;
 pub mod train;
 
-pub use frontend::{Clip, Features, Frontend, FrontendConfig, resample};
+pub use frontend::{Clip, Features, Frontend, FrontendConfig, resample, resampled_len};
 pub use model::{CODEC_ID, RewardConfig, RewardKind, RewardModel, ScoreInput};
 pub use nn::ArchConfig;
 

@@ -225,9 +225,8 @@ fn encodec_loaded_alone_matches() {
     let audio = codec.decode(&codes).expect("decode");
     assert_close("EnCodec audio, codec alone", &audio, f.get("codec_audio"));
 
-    let err = EncodecDecoder::load(&dir().join("missing"), &Device::Cpu)
-        .err()
-        .expect("no checkpoint");
+    let err =
+        EncodecDecoder::load(&dir().join("missing"), &Device::Cpu).expect_err("no checkpoint");
     assert!(err.to_string().contains("config.json"), "{err}");
 }
 

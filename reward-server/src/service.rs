@@ -194,6 +194,8 @@ impl Shared {
             // Validation refuses codes when there is no codec.
             _ => return Ok(items.into_iter().map(Item::from).collect()),
         };
+        let coded = items.iter().filter(|i| i.codebooks > 1).count() as u64;
+        let started = Instant::now();
         let decode = tokio::task::spawn_blocking(move || codec.prepare(items));
         let decoded = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline.into(), decode)
@@ -203,6 +205,10 @@ impl Shared {
         };
         let items =
             decoded.map_err(|e| Error::Decode(format!("the decoding task failed: {e}")))??;
+        self.metrics.decoded_items.inc_by(coded);
+        self.metrics
+            .decode_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(items.into())
     }
 

@@ -151,6 +151,8 @@ async fn encodec_codes_are_decoded_and_scored_next_to_tokens() {
     ];
     items.push(clips(50, 0, 1).remove(0));
     let response = t.scores(items.clone(), &[]).await;
+    // Decoded once for both models.
+    assert_eq!(t.registry_value("encore_reward_decoded_items_total"), 4.0);
 
     let musicgen = Musicgen::load(&musicgen_dir, &Device::Cpu).unwrap();
     for &(name, kind, seed) in &models {

@@ -3,9 +3,9 @@
 //! the shutdown token is cancelled.
 //!
 //! Start-up: validate the config, load the audio codec if one is
-//! configured, register metrics, start one scoring worker per model, bind the gRPC port (RewardService, gRPC health,
-//! reflection) and the admin port (`/metrics`, `/healthz`, `/readyz`), then
-//! report SERVING and ready.
+//! configured, register metrics, start one scoring worker per model, bind
+//! the gRPC port (RewardService, gRPC health, reflection) and the admin port
+//! (`/metrics`, `/healthz`, `/readyz`), then report SERVING and ready.
 //!
 //! Shutdown, once the token is cancelled: report NOT_SERVING and not ready,
 //! stop accepting connections, let in-flight rpcs finish (for at most

@@ -327,6 +327,7 @@ impl Actor {
                 .map(|(caption, tokens)| ScoreItem {
                     caption: caption.clone(),
                     tokens: tokens.clone(),
+                    codebooks: 0,
                 })
                 .collect();
             let scores = rewards.score(items, cancel).await?;

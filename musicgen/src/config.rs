@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 use candle_transformers::models::t5;
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +17,21 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// File name of the text tokenizer inside a checkpoint directory.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// The weights of a checkpoint directory, memory-mapped as f32 on `device`.
+pub(crate) fn mmap_weights(dir: &Path, device: &Device) -> Result<VarBuilder<'static>> {
+    let weights = dir.join(WEIGHTS_FILE);
+    if !weights.is_file() {
+        return Err(MusicgenError::checkpoint(
+            &weights,
+            "missing (sharded checkpoints are not supported)",
+        ));
+    }
+    // SAFETY: the file is mapped read-only; like every safetensors loader we
+    // rely on nobody truncating it while it is mapped.
+    unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
+        .map_err(|e| MusicgenError::checkpoint(&weights, e))
+}
 
 /// The whole checkpoint's config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,6 +160,45 @@ impl EncodecConfig {
         let bandwidth = self.target_bandwidths.last().copied().unwrap_or(0.0);
         ((1000.0 * bandwidth) / (self.frame_rate() as f64 * bits)).floor() as usize
     }
+
+    /// Checks what this implementation of the decoder supports; errors name
+    /// the key under `audio_encoder`.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(MusicgenError::Config(msg));
+        if self.audio_channels != 1 {
+            return bad(format!(
+                "audio_encoder.audio_channels: only mono is supported, got {}",
+                self.audio_channels
+            ));
+        }
+        if self.norm_type != "weight_norm" {
+            return bad(format!(
+                "audio_encoder.norm_type: only \"weight_norm\" is supported, got {:?}",
+                self.norm_type
+            ));
+        }
+        if !matches!(self.pad_mode.as_str(), "reflect" | "constant" | "replicate") {
+            return bad(format!(
+                "audio_encoder.pad_mode: unknown mode {:?}",
+                self.pad_mode
+            ));
+        }
+        if self.upsampling_ratios.is_empty() {
+            return bad("audio_encoder.upsampling_ratios: must not be empty".into());
+        }
+        if self.hop_length() == 0 || self.sampling_rate == 0 || self.codebook_size == 0 {
+            return bad(
+                "audio_encoder: sampling_rate, upsampling_ratios and codebook_size must be positive"
+                    .into(),
+            );
+        }
+        if self.num_quantizers() == 0 {
+            return bad(
+                "audio_encoder.target_bandwidths: below one codebook at this frame rate".into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 impl MusicgenConfig {
@@ -219,27 +275,6 @@ impl MusicgenConfig {
                 d.num_codebooks
             ));
         }
-        if a.audio_channels != 1 {
-            return bad(format!(
-                "audio_encoder.audio_channels: only mono is supported, got {}",
-                a.audio_channels
-            ));
-        }
-        if a.norm_type != "weight_norm" {
-            return bad(format!(
-                "audio_encoder.norm_type: only \"weight_norm\" is supported, got {:?}",
-                a.norm_type
-            ));
-        }
-        if !matches!(a.pad_mode.as_str(), "reflect" | "constant" | "replicate") {
-            return bad(format!(
-                "audio_encoder.pad_mode: unknown mode {:?}",
-                a.pad_mode
-            ));
-        }
-        if a.upsampling_ratios.is_empty() {
-            return bad("audio_encoder.upsampling_ratios: must not be empty".into());
-        }
-        Ok(())
+        a.validate()
     }
 }

@@ -11,10 +11,12 @@
 //! read: `weight_g`/`weight_v` (older checkpoints, the ones on the Hub) and
 //! `parametrizations.weight.original0/1` (transformers 5).
 
-use candle_core::{D, IndexOp, Tensor};
+use std::path::Path;
+
+use candle_core::{D, Device, IndexOp, Tensor};
 use candle_nn::{VarBuilder, rnn::RNN};
 
-use crate::{EncodecConfig, Result};
+use crate::{CONFIG_FILE, EncodecConfig, MusicgenError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Pad {
@@ -291,6 +293,31 @@ pub struct EncodecDecoder {
 }
 
 impl EncodecDecoder {
+    /// Loads only the codec of a MusicGen checkpoint directory: the
+    /// `audio_encoder` key of `config.json` and the `audio_encoder.*`
+    /// tensors of `model.safetensors` (memory-mapped, so the text encoder
+    /// and decoder weights are never read). A reward server decodes a
+    /// policy's codes with it.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let path = dir.join(CONFIG_FILE);
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| MusicgenError::checkpoint(&path, e))?;
+        let mut json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| MusicgenError::checkpoint(&path, e))?;
+        let section = json.get_mut("audio_encoder").map(serde_json::Value::take);
+        let Some(section) = section else {
+            return Err(MusicgenError::checkpoint(
+                &path,
+                "no audio_encoder key: not a MusicGen checkpoint",
+            ));
+        };
+        let cfg: EncodecConfig = serde_json::from_value(section)
+            .map_err(|e| MusicgenError::checkpoint(&path, format!("audio_encoder: {e}")))?;
+        cfg.validate()?;
+        let vb = crate::config::mmap_weights(dir, device)?;
+        Self::new(&cfg, vb.pp("audio_encoder"))
+    }
+
     /// Builds it from `vb` at the checkpoint's `audio_encoder` prefix.
     pub fn new(cfg: &EncodecConfig, vb: VarBuilder) -> Result<Self> {
         let codebooks = (0..cfg.num_quantizers())
@@ -365,6 +392,26 @@ impl EncodecDecoder {
     /// Samples per code frame.
     pub fn hop_length(&self) -> usize {
         self.cfg.hop_length()
+    }
+
+    /// Code frames per second of audio.
+    pub fn frame_rate(&self) -> usize {
+        self.cfg.frame_rate()
+    }
+
+    /// Codebooks of the residual quantizer (the most [`Self::decode`] takes).
+    pub fn codebooks(&self) -> usize {
+        self.codebooks.len()
+    }
+
+    /// Codes per codebook; every code must be below it.
+    pub fn codebook_size(&self) -> usize {
+        self.cfg.codebook_size
+    }
+
+    /// The codec's config.
+    pub fn config(&self) -> &EncodecConfig {
+        &self.cfg
     }
 
     /// Waveforms `[b, channels, frames * hop]` for codes `[b, K, frames]`

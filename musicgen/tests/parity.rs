@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use encore_model::SamplingParams;
 use encore_musicgen::delay::{delay, pattern_mask, undelay};
-use encore_musicgen::{GenerateParams, Musicgen};
+use encore_musicgen::{EncodecDecoder, GenerateParams, Musicgen};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -209,6 +209,25 @@ fn encodec_decode_matches() {
     let expected = f.get("codec_audio").i((.., 0, ..)).expect("mono");
     let actual = Tensor::new(audio, &Device::Cpu).expect("tensor");
     assert_close("EnCodec audio", &actual, &expected);
+}
+
+#[test]
+fn encodec_loaded_alone_matches() {
+    // What a reward server loads: only the codec of the checkpoint.
+    let f = fixture();
+    let codec = EncodecDecoder::load(&dir(), &Device::Cpu).expect("codec loads");
+    let config = &f.model.config().audio_encoder;
+    assert_eq!(codec.config(), config);
+    assert_eq!(codec.codebooks(), config.num_quantizers());
+    assert_eq!(codec.codebook_size(), config.codebook_size);
+    assert_eq!(codec.frame_rate(), config.frame_rate());
+    let codes = f.get("codec_codes").to_dtype(DType::U32).expect("u32");
+    let audio = codec.decode(&codes).expect("decode");
+    assert_close("EnCodec audio, codec alone", &audio, f.get("codec_audio"));
+
+    let err =
+        EncodecDecoder::load(&dir().join("missing"), &Device::Cpu).expect_err("no checkpoint");
+    assert!(err.to_string().contains("config.json"), "{err}");
 }
 
 #[test]

@@ -58,6 +58,7 @@ impl RewardService for FixtureRewardService {
     ) -> Result<Response<DescribeModelsResponse>, Status> {
         Ok(Response::new(DescribeModelsResponse {
             models: vec![fixture_model()],
+            audio_codec: None,
         }))
     }
 }

@@ -34,7 +34,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use encore_proto::v1::ScoreItem;
-use encore_reward::{RewardError, RewardModel, ScoreInput};
+use encore_reward::{Clip, RewardError, RewardModel, ScoreInput};
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
@@ -66,7 +66,49 @@ pub(crate) struct BatchConfig {
 
 /// The items of one request, shared by the batchers of every model it
 /// names.
-pub(crate) type Items = Arc<[ScoreItem]>;
+pub(crate) type Items = Arc<[Item]>;
+
+/// One item as the models take it.
+#[derive(Debug, Clone)]
+pub(crate) struct Item {
+    /// The prompt caption.
+    pub caption: String,
+    /// Its music.
+    pub clip: OwnedClip,
+}
+
+/// The music of an item: the embedded codec's tokens, or the 16 kHz audio
+/// the audio codec decoded from EnCodec codes.
+#[derive(Debug, Clone)]
+pub(crate) enum OwnedClip {
+    /// Tokens of the embedded codec.
+    Tokens(Vec<u32>),
+    /// A 16 kHz mono waveform.
+    Audio(Vec<f32>),
+}
+
+impl Item {
+    /// The item as a model's input.
+    fn input(&self) -> ScoreInput<'_> {
+        ScoreInput {
+            caption: &self.caption,
+            clip: match &self.clip {
+                OwnedClip::Tokens(tokens) => Clip::Tokens(tokens),
+                OwnedClip::Audio(samples) => Clip::Audio(samples),
+            },
+        }
+    }
+}
+
+impl From<ScoreItem> for Item {
+    /// An item of the embedded codec's tokens.
+    fn from(item: ScoreItem) -> Self {
+        Item {
+            caption: item.caption,
+            clip: OwnedClip::Tokens(item.tokens),
+        }
+    }
+}
 
 /// What a handler receives for its entry: one score per item, or why not.
 pub(crate) type Reply = Result<Vec<f32>>;
@@ -445,10 +487,7 @@ fn score_batch(
     let inputs: Vec<ScoreInput<'_>> = batch
         .iter()
         .flat_map(|entry| entry.items.iter())
-        .map(|item| ScoreInput {
-            caption: &item.caption,
-            tokens: &item.tokens,
-        })
+        .map(Item::input)
         .collect();
     match score_chunks(model, scorer, &inputs, max_batch_items, metrics) {
         Ok(scores) => {
@@ -467,14 +506,7 @@ fn score_batch(
         Err(_) => {
             drop(inputs);
             for entry in batch {
-                let inputs: Vec<ScoreInput<'_>> = entry
-                    .items
-                    .iter()
-                    .map(|item| ScoreInput {
-                        caption: &item.caption,
-                        tokens: &item.tokens,
-                    })
-                    .collect();
+                let inputs: Vec<ScoreInput<'_>> = entry.items.iter().map(Item::input).collect();
                 let reply = score_chunks(model, scorer, &inputs, max_batch_items, metrics);
                 let _ = entry.reply.send(reply);
             }
@@ -557,17 +589,25 @@ mod tests {
         calls: Arc<Mutex<Vec<usize>>>,
     }
 
+    /// The first token of a clip (the first sample of an audio clip).
+    fn first(input: &ScoreInput<'_>) -> u32 {
+        match input.clip {
+            Clip::Tokens(tokens) => tokens[0],
+            Clip::Audio(samples) => samples[0] as u32,
+        }
+    }
+
     impl Scorer for Recorder {
         fn score(&self, items: &[ScoreInput<'_>]) -> Result<Vec<f32>, RewardError> {
             self.calls.lock().unwrap().push(items.len());
-            assert!(items.iter().all(|i| i.tokens[0] != 999), "token 999");
+            assert!(items.iter().all(|i| first(i) != 999), "token 999");
             Ok(items
                 .iter()
                 .map(|i| {
-                    if i.tokens[0] == 666 {
+                    if first(i) == 666 {
                         f32::NAN
                     } else {
-                        i.tokens[0] as f32
+                        first(i) as f32
                     }
                 })
                 .collect())
@@ -609,9 +649,9 @@ mod tests {
     fn items(first_tokens: &[u32]) -> Items {
         first_tokens
             .iter()
-            .map(|&t| ScoreItem {
+            .map(|&t| Item {
                 caption: "c".into(),
-                tokens: vec![t, 3],
+                clip: OwnedClip::Tokens(vec![t, 3]),
             })
             .collect::<Vec<_>>()
             .into()

@@ -57,6 +57,11 @@ pub struct Config {
     pub admin: SocketAddr,
     /// The models to host.
     pub models: Vec<ModelSpec>,
+    /// A MusicGen checkpoint directory (`config.json` + `model.safetensors`)
+    /// whose EnCodec decodes items sent as codes (`ScoreItem.codebooks` >
+    /// 1); only its `audio_encoder` part is read. None: only the embedded
+    /// codec's tokens are scored.
+    pub audio_codec: Option<PathBuf>,
     /// Most items one forward pass scores; 1 turns batching off. On a CPU
     /// small batches (about 8) score fastest, as larger ones spill out of
     /// the caches (measure with `reward-load`); on a GPU, larger ones pay.
@@ -99,6 +104,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50061)),
             admin: SocketAddr::from(([127, 0, 0, 1], 9461)),
             models: Vec::new(),
+            audio_codec: None,
             max_batch_items: 64,
             max_wait_ms: 5,
             queue_capacity: 1024,
@@ -176,6 +182,13 @@ impl Config {
         }
         if let Err(e) = encore_model::device(&self.device) {
             return bad("device", e.to_string());
+        }
+        if self
+            .audio_codec
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return bad("audio_codec", "must not be empty".into());
         }
         for (i, spec) in self.models.iter().enumerate() {
             check_model_name(&spec.name).or_else(|why| bad(&format!("models[{i}].name"), why))?;
@@ -267,6 +280,11 @@ pub struct Flags {
     #[arg(long = "model", value_name = "NAME=DIR")]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<ModelSpec>,
+    /// A MusicGen checkpoint directory whose EnCodec decodes items sent as
+    /// codes (codebooks > 1) [default: none, tokens only].
+    #[arg(long, value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audio_codec: Option<PathBuf>,
     /// Most items per forward pass; 1 turns batching off [default: 64].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -398,6 +416,13 @@ mod tests {
                 },
                 "reward_server.models[0].name",
             ),
+            (
+                Config {
+                    audio_codec: Some(PathBuf::new()),
+                    ..Config::default()
+                },
+                "reward_server.audio_codec",
+            ),
         ];
         for (config, key) in cases {
             let err = config.validate().unwrap_err().to_string();
@@ -417,11 +442,13 @@ mod tests {
         .unwrap();
         let flags = Flags {
             max_wait_ms: Some(2),
+            audio_codec: Some("musicgen-small".into()),
             ..Flags::default()
         };
         let config = Config::load(Some(&file), &flags).unwrap();
         assert_eq!(config.max_batch_items, 8);
         assert_eq!(config.max_wait_ms, 2);
+        assert_eq!(config.audio_codec, Some(PathBuf::from("musicgen-small")));
         assert_eq!(
             config.models,
             vec!["quality=q".parse().unwrap(), "x=y".parse().unwrap()]

@@ -37,6 +37,18 @@ pub enum Error {
         #[source]
         source: Box<RewardError>,
     },
+    /// The audio codec (`audio_codec`) could not be loaded.
+    #[error("reward_server.audio_codec: loading {}: {source}", path.display())]
+    LoadCodec {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<encore_musicgen::MusicgenError>,
+    },
+    /// Decoding validated codes to audio failed.
+    #[error("decoding codes with the audio codec: {0}")]
+    Decode(String),
     /// The gRPC listener could not be bound.
     #[error("binding the gRPC server to {addr}: {source}")]
     Bind {
@@ -115,6 +127,8 @@ impl Error {
             Error::ShuttingDown => Code::Unavailable,
             Error::Config(_)
             | Error::Load { .. }
+            | Error::LoadCodec { .. }
+            | Error::Decode(_)
             | Error::Bind { .. }
             | Error::Transport(_)
             | Error::Telemetry(_)

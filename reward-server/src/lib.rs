@@ -6,10 +6,13 @@
 //!
 //! ```text
 //! actor --gRPC--> service::stamp_arrival (arrival time, grpc-timeout deadline)
-//!              -> service (validate::validate the whole request; fan out per model)
+//!              -> service (validate::validate the whole request)
+//!              -> codec::AudioCodec (items sent as MusicGen's EnCodec codes:
+//!                 decoded once, resampled to 16 kHz; tokens pass through)
+//!              -> service (fan out per model)
 //!              -> batcher::Batcher (bounded queue per model, counted in items)
 //!              -> worker thread (one batch of many requests -> RewardModel::score:
-//!                 tokens -> codec audio -> log-mel -> network)
+//!                 tokens -> codec audio (or the decoded audio) -> log-mel -> network)
 //!              -> service (join the models' replies, in request order) --gRPC--> actor
 //! ```
 //!
@@ -44,6 +47,7 @@
 #![warn(missing_docs)]
 
 mod batcher;
+mod codec;
 pub mod config;
 pub mod error;
 mod metrics;
@@ -52,9 +56,12 @@ mod service;
 mod validate;
 
 pub use batcher::Gate;
+pub use codec::AudioCodec;
 pub use config::{Config, Flags, ModelSpec};
 pub use error::{Error, Result};
-pub use server::{RunningServer, SERVICE_NAME, ServerBuilder, load_models, serve};
+pub use server::{
+    RunningServer, SERVICE_NAME, ServerBuilder, load_audio_codec, load_models, serve,
+};
 pub use service::DEADLINE_MARGIN;
 
 use encore_corpus::{Corpus, Split};
@@ -72,6 +79,7 @@ pub fn corpus_items(seed: u64, frames: usize, start: u64, n: usize) -> Vec<Score
             ScoreItem {
                 caption: ex.caption,
                 tokens: ex.tokens,
+                codebooks: 0,
             }
         })
         .collect()

@@ -12,6 +12,8 @@
 //! | `encore_reward_batch_seconds{model}` | histogram | time of one forward pass (front end included) |
 //! | `encore_reward_queue_depth_items{model}` | gauge | items waiting for a batch |
 //! | `encore_reward_queue_wait_seconds{model}` | histogram | time from queueing to the batch start |
+//! | `encore_reward_decoded_items_total` | counter | items decoded from EnCodec codes by the audio codec |
+//! | `encore_reward_decode_seconds` | histogram | time to decode (and resample) one request's codes |
 //!
 //! `code` is the gRPC code name (`OK`, `INVALID_ARGUMENT`...), a small fixed
 //! set, so the label stays cheap; model names come from the server's own
@@ -21,7 +23,7 @@
 //! are not counted.
 
 pub(crate) use encore_proto::status::code_name;
-use encore_telemetry::metrics::{Label, Subsystem};
+use encore_telemetry::metrics::{LATENCY_BUCKETS_SECONDS, Label, Subsystem};
 use prometheus::{Gauge, Histogram, HistogramVec, IntCounter, IntCounterVec, Registry};
 
 use crate::error::Result;
@@ -40,6 +42,11 @@ pub(crate) struct Metrics {
     batch_seconds: HistogramVec,
     queue_depth: prometheus::GaugeVec,
     queue_wait: HistogramVec,
+    /// Items the audio codec decoded; not per model: a request's codes are
+    /// decoded once, for every model it uses.
+    pub decoded_items: IntCounter,
+    /// Time to decode one request's codes.
+    pub decode_seconds: Histogram,
 }
 
 /// The metrics of one model, with the label filled in, for the batcher's
@@ -92,6 +99,15 @@ impl Metrics {
                 "queue_wait_seconds",
                 "Time from queueing to the start of the batch.",
                 model,
+            )?,
+            decoded_items: m.counter(
+                "decoded_items_total",
+                "Items decoded from EnCodec codes by the audio codec.",
+            )?,
+            decode_seconds: m.histogram(
+                "decode_seconds",
+                "Time to decode and resample the EnCodec codes of one request.",
+                &LATENCY_BUCKETS_SECONDS,
             )?,
         })
     }

@@ -2,10 +2,10 @@
 //! servers around a set of loaded models, and takes them down in order when
 //! the shutdown token is cancelled.
 //!
-//! Start-up: validate the config, register metrics, start one scoring
-//! worker per model, bind the gRPC port (RewardService, gRPC health,
-//! reflection) and the admin port (`/metrics`, `/healthz`, `/readyz`), then
-//! report SERVING and ready.
+//! Start-up: validate the config, load the audio codec if one is
+//! configured, register metrics, start one scoring worker per model, bind
+//! the gRPC port (RewardService, gRPC health, reflection) and the admin port
+//! (`/metrics`, `/healthz`, `/readyz`), then report SERVING and ready.
 //!
 //! Shutdown, once the token is cancelled: report NOT_SERVING and not ready,
 //! stop accepting connections, let in-flight rpcs finish (for at most
@@ -13,6 +13,7 @@
 //! join them.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::Device;
@@ -35,6 +36,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
 use crate::batcher::{BatchConfig, Batcher, Gate, Worker};
+use crate::codec::AudioCodec;
 use crate::config::{Config, ModelSpec, check_model_name};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -46,10 +48,13 @@ pub const SERVICE_NAME: &str = "encore.v1.RewardService";
 
 /// Decoding limit for request messages, never below tonic's 4 MiB default:
 /// the largest request the limits allow, with room for protobuf framing.
-fn max_message_bytes(config: &Config, max_tokens: usize) -> usize {
+/// An item holds at most `max_tokens` tokens, or as many EnCodec codes as
+/// fill that duration when the server has a codec.
+fn max_message_bytes(config: &Config, max_tokens: usize, codec: Option<&AudioCodec>) -> usize {
+    let max_codes = codec.map_or(0, |c| c.codebooks() * c.max_frames(max_tokens));
     // A token is a varint of at most 5 bytes; each item and caption has a
     // few bytes of tags and lengths.
-    let item = config.max_caption_bytes + 5 * max_tokens + 32;
+    let item = config.max_caption_bytes + 5 * max_tokens.max(max_codes) + 32;
     (config.max_request_items.saturating_mul(item) + 64 * 1024).max(4 << 20)
 }
 
@@ -59,6 +64,7 @@ fn max_message_bytes(config: &Config, max_tokens: usize) -> usize {
 pub struct ServerBuilder {
     config: Config,
     models: Vec<(String, RewardModel)>,
+    codec: Option<AudioCodec>,
     registry: Option<Registry>,
     gate: Gate,
 }
@@ -69,9 +75,17 @@ impl ServerBuilder {
         Self {
             config,
             models: Vec::new(),
+            codec: None,
             registry: None,
             gate: Gate::new(),
         }
+    }
+
+    /// Decodes items sent as EnCodec codes with `codec` (what [`serve`]
+    /// loads from `audio_codec`); without one, such items are refused.
+    pub fn audio_codec(mut self, codec: AudioCodec) -> Self {
+        self.codec = Some(codec);
+        self
     }
 
     /// Hosts `model` under `name`.
@@ -100,9 +114,11 @@ impl ServerBuilder {
         let ServerBuilder {
             config,
             models,
+            codec,
             registry,
             gate,
         } = self;
+        let codec = codec.map(Arc::new);
         config.validate()?;
         if models.is_empty() {
             return Err(Error::Config(
@@ -155,7 +171,8 @@ impl ServerBuilder {
                 sha256: model.sha256().to_owned(),
             })
             .collect();
-        let (service, workers, max_tokens) = match spawn_models(models, &config, &gate, &metrics) {
+        let spawned = spawn_models(models, codec.clone(), &config, &gate, &metrics);
+        let (service, workers, max_tokens) = match spawned {
             Ok(spawned) => spawned,
             Err(e) => {
                 started.cancel();
@@ -164,8 +181,11 @@ impl ServerBuilder {
             }
         };
         let reward = InterceptedService::new(
-            RewardServiceServer::new(service)
-                .max_decoding_message_size(max_message_bytes(&config, max_tokens)),
+            RewardServiceServer::new(service).max_decoding_message_size(max_message_bytes(
+                &config,
+                max_tokens,
+                codec.as_deref(),
+            )),
             stamp_arrival,
         );
         health_reporter
@@ -314,6 +334,7 @@ fn rand_suffix() -> u32 {
 /// model accepts. On failure the workers already started are stopped.
 fn spawn_models(
     models: Vec<(String, RewardModel)>,
+    codec: Option<Arc<AudioCodec>>,
     config: &Config,
     gate: &Gate,
     metrics: &Metrics,
@@ -365,7 +386,7 @@ fn spawn_models(
         max_caption_bytes: config.max_caption_bytes,
     };
     Ok((
-        RewardServer::new(hosted, limits, metrics.clone()),
+        RewardServer::new(hosted, limits, codec, metrics.clone()),
         workers,
         max_tokens,
     ))
@@ -492,13 +513,37 @@ fn load_blocking(specs: &[ModelSpec], device: &Device) -> Result<Vec<(String, Re
         .collect()
 }
 
-/// Loads the models named in `config` and serves them until `shutdown` is
-/// cancelled, with metrics on the process-wide registry
-/// ([`encore_telemetry::registry`]).
+/// Loads the audio codec of `config.audio_codec`, if any, onto
+/// `config.device`, off the async runtime; errors name the key.
+pub async fn load_audio_codec(config: &Config) -> Result<Option<AudioCodec>> {
+    let Some(path) = config.audio_codec.clone() else {
+        return Ok(None);
+    };
+    let device = encore_model::device(&config.device)
+        .map_err(|e| Error::Config(format!("reward_server.device: {e}")))?;
+    let codec = tokio::task::spawn_blocking(move || AudioCodec::load(&path, &device))
+        .await
+        .map_err(|e| Error::Worker(format!("loading the audio codec: {e}")))??;
+    tracing::info!(
+        sample_rate = codec.sample_rate(),
+        codebooks = codec.codebooks(),
+        codebook_size = codec.codebook_size(),
+        "audio codec loaded"
+    );
+    Ok(Some(codec))
+}
+
+/// Loads the models (and the audio codec) named in `config` and serves
+/// them until `shutdown` is cancelled, with metrics on the process-wide
+/// registry ([`encore_telemetry::registry`]).
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<RunningServer> {
     config.validate()?;
+    let codec = load_audio_codec(&config).await?;
     let models = load_models(&config).await?;
     let mut builder = ServerBuilder::new(config).registry(encore_telemetry::registry().clone());
+    if let Some(codec) = codec {
+        builder = builder.audio_codec(codec);
+    }
     for (name, model) in models {
         builder = builder.model(name, model);
     }

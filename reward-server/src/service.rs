@@ -3,7 +3,8 @@
 //!
 //! A Score request is stamped with its arrival time and deadline as it comes
 //! off the connection ([`stamp_arrival`]), validated whole
-//! ([`crate::validate`]), fanned out to the batcher of every model it uses,
+//! ([`crate::validate`]), its EnCodec codes (if any) decoded to audio once
+//! ([`crate::codec`]), fanned out to the batcher of every model it uses,
 //! and answered when all of them have replied or its deadline has passed,
 //! whichever comes first. DescribeModels answers from a table built once at
 //! start-up.
@@ -20,10 +21,11 @@ use encore_proto::v1::{
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
 
-use crate::batcher::{Batcher, Items};
+use crate::batcher::{Batcher, Item, Items};
+use crate::codec::AudioCodec;
 use crate::error::{Error, Result};
 use crate::metrics::{Metrics, UNKNOWN_MODEL};
-use crate::validate::{Limits, ModelLimits, validate};
+use crate::validate::{CodecLimits, Limits, ModelLimits, validate};
 
 /// How much earlier than the caller's deadline the server gives up. tonic's
 /// transport enforces `grpc-timeout` as well, with a timer started a moment
@@ -116,12 +118,19 @@ struct Shared {
     /// `hosted[i].limits`, for the validator.
     model_limits: Vec<ModelLimits>,
     limits: Limits,
+    /// Decodes items sent as EnCodec codes, if the server has a codec.
+    codec: Option<Arc<AudioCodec>>,
     metrics: Metrics,
 }
 
 impl RewardServer {
     /// A server for `hosted`, in any order.
-    pub(crate) fn new(mut hosted: Vec<Hosted>, limits: Limits, metrics: Metrics) -> Self {
+    pub(crate) fn new(
+        mut hosted: Vec<Hosted>,
+        limits: Limits,
+        codec: Option<Arc<AudioCodec>>,
+        metrics: Metrics,
+    ) -> Self {
         hosted.sort_by(|a, b| a.info.name.cmp(&b.info.name));
         let model_limits = hosted.iter().map(|h| h.limits.clone()).collect();
         Self {
@@ -129,6 +138,7 @@ impl RewardServer {
                 hosted,
                 model_limits,
                 limits,
+                codec,
                 metrics,
             }),
         }
@@ -143,7 +153,8 @@ impl Shared {
         request: ScoreRequest,
         deadline: Option<Instant>,
     ) -> (Vec<usize>, Result<ScoreResponse>) {
-        let used = match validate(&request, &self.limits, &self.model_limits) {
+        let codec = self.codec.as_deref().map(|c| c as &dyn CodecLimits);
+        let used = match validate(&request, &self.limits, &self.model_limits, codec) {
             Ok(used) => used,
             Err(violations) => {
                 // Label the failure with the hosted models the request did
@@ -171,16 +182,46 @@ impl Shared {
         (used, result)
     }
 
+    /// The items as the models take them: EnCodec codes decoded to audio
+    /// off the runtime (the codec's kernels block), within the deadline.
+    async fn prepare(
+        &self,
+        items: Vec<encore_proto::v1::ScoreItem>,
+        deadline: Option<Instant>,
+    ) -> Result<Items> {
+        let codec = match &self.codec {
+            Some(codec) if items.iter().any(|i| i.codebooks > 1) => codec.clone(),
+            // Validation refuses codes when there is no codec.
+            _ => return Ok(items.into_iter().map(Item::from).collect()),
+        };
+        let coded = items.iter().filter(|i| i.codebooks > 1).count() as u64;
+        let started = Instant::now();
+        let decode = tokio::task::spawn_blocking(move || codec.prepare(items));
+        let decoded = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), decode)
+                .await
+                .map_err(|_| Error::DeadlineExceeded("while the codes were decoded"))?,
+            None => decode.await,
+        };
+        let items =
+            decoded.map_err(|e| Error::Decode(format!("the decoding task failed: {e}")))??;
+        self.metrics.decoded_items.inc_by(coded);
+        self.metrics
+            .decode_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(items.into())
+    }
+
     async fn score_valid(
         &self,
         request: ScoreRequest,
         used: &[usize],
         deadline: Option<Instant>,
     ) -> Result<ScoreResponse> {
+        let items = self.prepare(request.items, deadline).await?;
         if deadline.is_some_and(|d| d <= Instant::now()) {
             return Err(Error::DeadlineExceeded("before the request was queued"));
         }
-        let items: Items = request.items.into();
         // Every model's entry is queued before any is awaited, so the
         // models score this request concurrently. If one queue is full the
         // entries already queued are withdrawn when their receivers drop.
@@ -284,6 +325,7 @@ impl RewardService for RewardServer {
     ) -> Result<Response<DescribeModelsResponse>, Status> {
         Ok(Response::new(DescribeModelsResponse {
             models: self.shared.hosted.iter().map(|h| h.info.clone()).collect(),
+            audio_codec: self.shared.codec.as_ref().map(|c| c.info()),
         }))
     }
 }

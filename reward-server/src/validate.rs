@@ -18,6 +18,29 @@ pub(crate) struct Limits {
     pub max_caption_bytes: usize,
 }
 
+/// What validation needs to know about the audio codec, if the server has
+/// one: items sent as codes are checked against it.
+pub(crate) trait CodecLimits {
+    /// Codebooks per frame.
+    fn codebooks(&self) -> usize;
+    /// Codes per codebook.
+    fn codebook_size(&self) -> usize;
+    /// 40 ms token frames the audio of `frames` code frames fills.
+    fn token_frames(&self, frames: usize) -> usize;
+}
+
+impl CodecLimits for crate::codec::AudioCodec {
+    fn codebooks(&self) -> usize {
+        self.codebooks()
+    }
+    fn codebook_size(&self) -> usize {
+        self.codebook_size()
+    }
+    fn token_frames(&self, frames: usize) -> usize {
+        self.token_frames(frames)
+    }
+}
+
 /// What validation needs to know about one hosted model.
 #[derive(Debug, Clone)]
 pub(crate) struct ModelLimits {
@@ -36,11 +59,12 @@ pub(crate) fn validate(
     request: &ScoreRequest,
     limits: &Limits,
     hosted: &[ModelLimits],
+    codec: Option<&dyn CodecLimits>,
 ) -> Result<Vec<usize>, Violations> {
     let mut bad = Violations::default();
 
     let used = resolve_models(&request.models, hosted, &mut bad);
-    check_items(request, limits, hosted, &used, &mut bad);
+    check_items(request, limits, hosted, &used, codec, &mut bad);
 
     if bad.is_empty() { Ok(used) } else { Err(bad) }
 }
@@ -86,6 +110,7 @@ fn check_items(
     limits: &Limits,
     hosted: &[ModelLimits],
     used: &[usize],
+    codec: Option<&dyn CodecLimits>,
     bad: &mut Violations,
 ) {
     let n = request.items.len();
@@ -141,28 +166,77 @@ fn check_items(
             );
         }
 
-        let len = item.tokens.len();
         let field = format!("items[{i}].tokens");
-        if len == 0 {
+        if item.tokens.is_empty() {
             bad.push(field, ErrorReason::InvalidField, "no tokens".into());
             continue;
         }
-        if let Some(m) = shortest.filter(|m| len < m.min_tokens) {
+        // The item's length in 40 ms token frames (what the models' limits
+        // count), how to say it, and the bound on its values.
+        let (frames, length, vocab, unit) = if item.codebooks <= 1 {
+            let len = item.tokens.len();
+            (
+                len,
+                format!("{len} tokens"),
+                VOCAB_SIZE,
+                "the vocabulary size",
+            )
+        } else {
+            let k = item.codebooks as usize;
+            // INVALID_ARGUMENT (reason INCOMPATIBLE) rather than
+            // FAILED_PRECONDITION: like a model this server does not host,
+            // the request can never succeed here, whatever the server's
+            // state; the caller must send it to a server with this codec.
+            let Some(codec) = codec.filter(|c| c.codebooks() == k) else {
+                let why = match codec {
+                    None => format!(
+                        "{k} EnCodec codebooks, but this server has no audio codec and scores \
+                         only the embedded codec's tokens (codebooks 0 or 1)"
+                    ),
+                    Some(c) => format!(
+                        "{k} codebooks, but the server's audio codec has {}",
+                        c.codebooks()
+                    ),
+                };
+                bad.push(
+                    format!("items[{i}].codebooks"),
+                    ErrorReason::Incompatible,
+                    why,
+                );
+                continue;
+            };
+            let len = item.tokens.len();
+            if !len.is_multiple_of(k) {
+                bad.push(
+                    field,
+                    ErrorReason::InvalidField,
+                    format!("{len} codes are not a whole number of frames of {k} codebooks"),
+                );
+                continue;
+            }
+            let frames = codec.token_frames(len / k);
+            let length = format!(
+                "{} frames of {k} codebooks ({frames} token frames of 40 ms)",
+                len / k
+            );
+            (frames, length, codec.codebook_size(), "the codebook size")
+        };
+        if let Some(m) = shortest.filter(|m| frames < m.min_tokens) {
             bad.push(
                 field,
                 ErrorReason::InvalidField,
                 format!(
-                    "{len} tokens, fewer than the {} model {} needs",
+                    "{length}, fewer than the {} model {} needs",
                     m.min_tokens,
                     quoted(&m.name)
                 ),
             );
-        } else if let Some(m) = longest.filter(|m| len > m.max_tokens) {
+        } else if let Some(m) = longest.filter(|m| frames > m.max_tokens) {
             bad.push(
                 field,
                 ErrorReason::TooLarge,
                 format!(
-                    "{len} tokens, more than the {} model {} accepts",
+                    "{length}, more than the {} model {} accepts",
                     m.max_tokens,
                     quoted(&m.name)
                 ),
@@ -177,7 +251,7 @@ fn check_items(
             .tokens
             .iter()
             .enumerate()
-            .filter(|&(_, &t)| t as usize >= VOCAB_SIZE);
+            .filter(|&(_, &t)| t as usize >= vocab);
         if let Some((j, &token)) = out_of_range.next() {
             let others = out_of_range.count();
             let more = if others > 0 {
@@ -188,7 +262,7 @@ fn check_items(
             bad.push(
                 format!("items[{i}].tokens[{j}]"),
                 ErrorReason::TokenOutOfRange,
-                format!("token {token} is not below the vocabulary size {VOCAB_SIZE}{more}"),
+                format!("token {token} is not below {unit} {vocab}{more}"),
             );
         }
     }
@@ -238,6 +312,7 @@ mod tests {
         ScoreItem {
             caption: caption.into(),
             tokens: tokens.to_vec(),
+            codebooks: 0,
         }
     }
 
@@ -258,9 +333,9 @@ mod tests {
     #[test]
     fn a_good_request_resolves_its_models() {
         let ok = request(vec![item("jazz", &[5, 6, 7])], &[]);
-        assert_eq!(validate(&ok, &LIMITS, &hosted()).unwrap(), [0, 1]);
+        assert_eq!(validate(&ok, &LIMITS, &hosted(), None).unwrap(), [0, 1]);
         let ok = request(vec![item("jazz", &[5, 6, 7])], &["quality"]);
-        assert_eq!(validate(&ok, &LIMITS, &hosted()).unwrap(), [1]);
+        assert_eq!(validate(&ok, &LIMITS, &hosted(), None).unwrap(), [1]);
     }
 
     #[test]
@@ -275,7 +350,7 @@ mod tests {
             ],
             &["quality", "nope", "quality"],
         );
-        let err = validate(&req, &LIMITS, &hosted()).unwrap_err();
+        let err = validate(&req, &LIMITS, &hosted(), None).unwrap_err();
         assert_eq!(
             fields(&err),
             [
@@ -299,20 +374,102 @@ mod tests {
         let nine = [4u32; 9];
         // Only adherence: 9 tokens are fine.
         let req = request(vec![item("x", &nine)], &["adherence"]);
-        assert!(validate(&req, &LIMITS, &hosted()).is_ok());
+        assert!(validate(&req, &LIMITS, &hosted(), None).is_ok());
         // With quality too, 9 is over its limit of 8.
-        let err = validate(&request(vec![item("x", &nine)], &[]), &LIMITS, &hosted()).unwrap_err();
+        let err = validate(
+            &request(vec![item("x", &nine)], &[]),
+            &LIMITS,
+            &hosted(),
+            None,
+        )
+        .unwrap_err();
         assert_eq!(fields(&err), [("items[0].tokens", ErrorReason::TooLarge)]);
         assert!(err.to_string().contains("\"quality\""), "{err}");
     }
 
     #[test]
     fn empty_and_oversized_requests_are_refused() {
-        let err = validate(&request(vec![], &[]), &LIMITS, &hosted()).unwrap_err();
+        let err = validate(&request(vec![], &[]), &LIMITS, &hosted(), None).unwrap_err();
         assert_eq!(fields(&err), [("items", ErrorReason::InvalidField)]);
         let five = (0..5).map(|_| item("x", &[4, 4, 4])).collect();
-        let err = validate(&request(five, &[]), &LIMITS, &hosted()).unwrap_err();
+        let err = validate(&request(five, &[]), &LIMITS, &hosted(), None).unwrap_err();
         assert_eq!(fields(&err), [("items", ErrorReason::TooLarge)]);
+    }
+
+    /// A codec of 4 codebooks of 32 codes at 50 frames/s.
+    struct Codec;
+
+    impl CodecLimits for Codec {
+        fn codebooks(&self) -> usize {
+            4
+        }
+        fn codebook_size(&self) -> usize {
+            32
+        }
+        fn token_frames(&self, frames: usize) -> usize {
+            frames.div_ceil(2)
+        }
+    }
+
+    fn codes(caption: &str, codebooks: u32, codes: &[u32]) -> ScoreItem {
+        ScoreItem {
+            codebooks,
+            ..item(caption, codes)
+        }
+    }
+
+    #[test]
+    fn codes_are_checked_against_the_codec() {
+        // 6 frames of 4 codebooks: 3 token frames, enough for both models.
+        let six = [5u32; 24];
+        let ok = request(vec![codes("x", 4, &six), item("y", &[1, 2, 3])], &[]);
+        assert!(validate(&ok, &LIMITS, &hosted(), Some(&Codec)).is_ok());
+        let err = validate(&ok, &LIMITS, &hosted(), None).unwrap_err();
+        assert_eq!(
+            fields(&err),
+            [("items[0].codebooks", ErrorReason::Incompatible)]
+        );
+        assert!(err.to_string().contains("no audio codec"), "{err}");
+        // Codebook 1 is today's token stream.
+        let one = request(vec![codes("x", 1, &[1, 2, 3])], &[]);
+        assert!(validate(&one, &LIMITS, &hosted(), None).is_ok());
+
+        let mut wide = six;
+        wide[9] = 32;
+        let req = request(
+            vec![
+                codes("x", 2, &six),
+                codes("x", 4, &six[..23]),
+                codes("x", 4, &wide),
+                // 18 frames are 9 token frames, too long for quality.
+                codes("x", 4, &[5u32; 72]),
+            ],
+            &[],
+        );
+        let err = validate(&req, &LIMITS, &hosted(), Some(&Codec)).unwrap_err();
+        assert_eq!(
+            fields(&err),
+            [
+                ("items[0].codebooks", ErrorReason::Incompatible),
+                ("items[1].tokens", ErrorReason::InvalidField),
+                ("items[2].tokens[9]", ErrorReason::TokenOutOfRange),
+                ("items[3].tokens", ErrorReason::TooLarge),
+            ]
+        );
+        let message = err.to_string();
+        assert!(message.contains("audio codec has 4"), "{message}");
+        assert!(message.contains("codebook size 32"), "{message}");
+        assert!(
+            message.contains("18 frames of 4 codebooks (9 token frames"),
+            "{message}"
+        );
+        // 4 frames are 2 token frames, too short for quality.
+        let short = request(vec![codes("x", 4, &six[..16])], &[]);
+        let err = validate(&short, &LIMITS, &hosted(), Some(&Codec)).unwrap_err();
+        assert_eq!(
+            fields(&err),
+            [("items[0].tokens", ErrorReason::InvalidField)]
+        );
     }
 
     #[test]
@@ -322,6 +479,7 @@ mod tests {
             &request(vec![item("x", &[4, 4, 4])], &[&name]),
             &LIMITS,
             &hosted(),
+            None,
         )
         .unwrap_err();
         assert!(err.to_string().len() < 400, "{err}");

@@ -1,6 +1,6 @@
 //! The `encore-reward-server` binary as an operator runs it: flags, a
-//! checkpoint on disk, a clean exit on SIGTERM, and a configuration error
-//! that names the key.
+//! checkpoint on disk, a clean exit on SIGTERM, and configuration errors
+//! (a bad value, an audio codec that does not load) that name the key.
 
 mod common;
 
@@ -107,4 +107,23 @@ fn a_bad_setting_fails_at_start_naming_the_key() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("/nonexistent/checkpoint"), "{stderr}");
+}
+
+#[test]
+fn an_audio_codec_that_does_not_load_fails_at_start_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let quality = dir.path().join("quality");
+    tiny_model(RewardKind::Quality, 1).save(&quality).unwrap();
+    let output = command()
+        .arg("--model")
+        .arg(format!("quality={}", quality.display()))
+        .arg("--audio-codec")
+        .arg(dir.path().join("no-such-musicgen"))
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("reward_server.audio_codec"), "{stderr}");
+    assert!(stderr.contains("no-such-musicgen"), "{stderr}");
 }

@@ -4,10 +4,8 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use candle_core::Device;
-use common::{MAX_TOKENS, TestServer, clips, request, test_config, tiny_model};
+use common::{MAX_TOKENS, TestServer, clips, request, test_config, tiny_model, violations};
 use encore_proto::v1::{DescribeModelsRequest, RewardKind as ProtoKind, ScoreItem};
 use encore_reward::{CODEC_ID, RewardKind, RewardModel, ScoreInput};
 use encore_reward_server::{Config, Gate, ModelSpec, load_models};
@@ -44,20 +42,11 @@ async fn scores_match_the_models_called_directly_for_all_three_kinds() {
     let mut items = clips(100, 0, 3);
     items.extend(clips(40, 10, 2));
     items.push(clips(150, 20, 1).remove(0));
-    let response = t
-        .client
-        .score(request(items.clone(), &[]))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(response.results.len(), items.len());
+    let response = t.scores(items.clone(), &[]).await;
 
     let inputs: Vec<ScoreInput<'_>> = items
         .iter()
-        .map(|i| ScoreInput {
-            caption: &i.caption,
-            tokens: &i.tokens,
-        })
+        .map(|i| ScoreInput::tokens(&i.caption, &i.tokens))
         .collect();
     for spec in &specs {
         let direct = RewardModel::load(&spec.path, &Device::Cpu).unwrap();
@@ -272,14 +261,7 @@ async fn bad_requests_are_refused_naming_the_field_and_the_server_carries_on() {
     items[0].caption.clear();
     items[1].tokens[7] = vocab + 5;
     let status = t.client.score(request(items, &["nope"])).await.unwrap_err();
-    let fields: HashMap<String, String> = status
-        .get_error_details()
-        .bad_request()
-        .unwrap()
-        .field_violations
-        .iter()
-        .map(|v| (v.field.clone(), v.reason.clone()))
-        .collect();
+    let fields = violations(&status);
     assert_eq!(fields.len(), 3, "{fields:?}");
     assert_eq!(fields["models[0]"], "UNKNOWN_MODEL");
     assert_eq!(fields["items[0].caption"], "INVALID_FIELD");
@@ -345,10 +327,7 @@ async fn concurrent_requests_are_scored_in_shared_batches() {
     let alone = load();
     for (item, got) in items.iter().zip(&served) {
         let want = alone
-            .score(&[ScoreInput {
-                caption: &item.caption,
-                tokens: &item.tokens,
-            }])
+            .score(&[ScoreInput::tokens(&item.caption, &item.tokens)])
             .unwrap()[0];
         assert!((got - f64::from(want)).abs() < 1e-5, "{got} vs {want}");
     }

@@ -13,10 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let examples = corpus.batch(Split::Train, 0, 64);
     let items: Vec<ScoreInput> = examples
         .iter()
-        .map(|e| ScoreInput {
-            caption: &e.caption,
-            tokens: &e.tokens,
-        })
+        .map(|e| ScoreInput::tokens(&e.caption, &e.tokens))
         .collect();
     let clips: Vec<&[u32]> = examples.iter().map(|e| e.tokens.as_slice()).collect();
     let captions: Vec<&str> = examples.iter().map(|e| e.caption.as_str()).collect();

@@ -3,6 +3,11 @@
 //! normalised per mel band, and stacked two mel frames at a time so that one
 //! feature row covers exactly one token frame (40 ms).
 //!
+//! A clip can also arrive as a waveform ([`Clip::Audio`]): the reward server
+//! decodes a MusicGen policy's EnCodec codes itself, [`resample`]s them to
+//! the embedded codec's sample rate (16 kHz) and pads them to whole 40 ms frames,
+//! so the models see the same kind of rows whatever made the music.
+//!
 //! This is the only door from tokens into a reward model: the networks see
 //! spectrograms, never token ids, so they cannot read the symbolic content
 //! (instrument ids, pitches) directly and must hear it, as MusicRL's reward
@@ -12,9 +17,87 @@ use candle_core::{Device, Tensor};
 use encore_codec::{SAMPLES_PER_FRAME, render};
 use encore_features::{LogMel, LogMelConfig};
 use rayon::prelude::*;
+use rubato::audioadapter_buffers::direct::InterleavedSlice;
+use rubato::{Fft, FixedSync, Resampler};
 use serde::{Deserialize, Serialize};
 
 use crate::RewardError;
+
+/// One clip as the front end hears it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Clip<'a> {
+    /// Tokens of the embedded codec, rendered by it: one row per token.
+    Tokens(&'a [u32]),
+    /// A mono waveform at the embedded codec's
+    /// [`SAMPLE_RATE`](encore_codec::SAMPLE_RATE) (16 kHz), for instance a
+    /// MusicGen clip decoded by EnCodec and [`resample`]d; padded with
+    /// silence to whole token frames: one row per [`SAMPLES_PER_FRAME`]
+    /// samples or part of them.
+    Audio(&'a [f32]),
+}
+
+impl Clip<'_> {
+    /// Feature rows (40 ms token frames) the clip gives.
+    pub fn frames(&self) -> usize {
+        match self {
+            Clip::Tokens(tokens) => tokens.len(),
+            Clip::Audio(samples) => samples.len().div_ceil(SAMPLES_PER_FRAME),
+        }
+    }
+}
+
+impl<'a> From<&'a [u32]> for Clip<'a> {
+    fn from(tokens: &'a [u32]) -> Self {
+        Clip::Tokens(tokens)
+    }
+}
+
+impl<'a> From<&'a Vec<u32>> for Clip<'a> {
+    fn from(tokens: &'a Vec<u32>) -> Self {
+        Clip::Tokens(tokens)
+    }
+}
+
+/// Input frames per chunk of the resampler: long enough for a sharp
+/// anti-aliasing filter, short enough that its start-up costs little on a
+/// clip of a few seconds.
+const RESAMPLE_CHUNK: usize = 1024;
+
+/// How many samples [`resample`] makes of `len` samples:
+/// `ceil(len * to_hz / from_hz)`, computed as rubato computes it.
+pub fn resampled_len(len: usize, from_hz: u32, to_hz: u32) -> usize {
+    if from_hz == to_hz {
+        return len;
+    }
+    (f64::from(to_hz) / f64::from(from_hz) * len as f64).ceil() as usize
+}
+
+/// `samples` (mono, at `from_hz`) at `to_hz`, with rubato's FFT resampler:
+/// [`resampled_len`] samples, aligned with the input (the resampler's delay
+/// is trimmed).
+pub fn resample(samples: &[f32], from_hz: u32, to_hz: u32) -> Result<Vec<f32>, RewardError> {
+    if from_hz == to_hz || samples.is_empty() {
+        return Ok(samples.to_vec());
+    }
+    let fail = |e: &dyn std::fmt::Display| {
+        RewardError::Input(format!("resampling {from_hz} Hz to {to_hz} Hz: {e}"))
+    };
+    let mut resampler = Fft::<f32>::new(
+        from_hz as usize,
+        to_hz as usize,
+        RESAMPLE_CHUNK,
+        1,
+        FixedSync::Input,
+    )
+    .map_err(|e| fail(&e))?;
+    let input = InterleavedSlice::new(samples, 1, samples.len()).map_err(|e| fail(&e))?;
+    let output = resampler
+        .process_all(&input, samples.len(), None)
+        .map_err(|e| fail(&e))?
+        .take_data();
+    debug_assert_eq!(output.len(), resampled_len(samples.len(), from_hz, to_hz));
+    Ok(output)
+}
 
 /// Front-end settings, stored in a reward model's config so that a model is
 /// always fed the features it was trained on.
@@ -103,9 +186,25 @@ impl Frontend {
         2 * self.cfg.n_mels
     }
 
-    /// Raw log-mel frames of a clip: exactly two per token, `[2 * tokens, n_mels]`.
-    fn raw(&self, tokens: &[u32]) -> Result<Vec<f32>, RewardError> {
-        let mut audio = render(tokens).map_err(|e| RewardError::Input(e.to_string()))?;
+    /// Raw log-mel frames of a clip: exactly two per token frame,
+    /// `[2 * frames, n_mels]`.
+    fn raw(&self, clip: Clip<'_>) -> Result<Vec<f32>, RewardError> {
+        let frames = clip.frames();
+        let mut audio = match clip {
+            Clip::Tokens(tokens) => {
+                render(tokens).map_err(|e| RewardError::Input(e.to_string()))?
+            }
+            Clip::Audio(samples) => {
+                if let Some(i) = samples.iter().position(|x| !x.is_finite()) {
+                    return Err(RewardError::Input(format!(
+                        "audio sample {i} is not finite"
+                    )));
+                }
+                let mut audio = samples.to_vec();
+                audio.resize(frames * SAMPLES_PER_FRAME, 0.0);
+                audio
+            }
+        };
         // Pad the tail so that the last window starts at the last hop: the
         // spectrogram then has exactly two frames per token frame.
         let cfg = self.logmel.config();
@@ -114,16 +213,19 @@ impl Frontend {
             .logmel
             .compute(&audio)
             .map_err(|e| RewardError::Input(e.to_string()))?;
-        debug_assert_eq!(mel.len(), 2 * tokens.len() * self.cfg.n_mels);
+        debug_assert_eq!(mel.len(), 2 * frames * self.cfg.n_mels);
         Ok(mel)
     }
 
-    /// Normalised features of one clip, `[tokens, 2 * n_mels]` row-major.
-    pub fn clip(&self, tokens: &[u32]) -> Result<Vec<f32>, RewardError> {
-        if tokens.is_empty() {
-            return Err(RewardError::Input("a clip needs at least one token".into()));
+    /// Normalised features of one clip, `[frames, 2 * n_mels]` row-major.
+    pub fn clip<'c>(&self, clip: impl Into<Clip<'c>>) -> Result<Vec<f32>, RewardError> {
+        let clip = clip.into();
+        if clip.frames() == 0 {
+            return Err(RewardError::Input(
+                "a clip needs at least one token frame".into(),
+            ));
         }
-        let mut mel = self.raw(tokens)?;
+        let mut mel = self.raw(clip)?;
         let n = self.cfg.n_mels;
         for row in mel.chunks_mut(n) {
             for ((x, m), s) in row.iter_mut().zip(&self.cfg.mean).zip(&self.cfg.std) {
@@ -133,20 +235,30 @@ impl Frontend {
         Ok(mel)
     }
 
-    /// Features of many clips, computed in parallel, in input order.
-    pub fn clips(&self, clips: &[&[u32]]) -> Result<Vec<Vec<f32>>, RewardError> {
-        clips.par_iter().map(|t| self.clip(t)).collect()
+    /// Features of many clips (token slices or [`Clip`]s), computed in
+    /// parallel, in input order.
+    pub fn clips<'c, C>(&self, clips: &[C]) -> Result<Vec<Vec<f32>>, RewardError>
+    where
+        C: Into<Clip<'c>> + Copy + Sync,
+    {
+        clips.par_iter().map(|&c| self.clip(c)).collect()
     }
 
     /// Features of a batch of clips, padded into one block.
-    pub fn batch(&self, clips: &[&[u32]]) -> Result<Features, RewardError> {
+    pub fn batch<'c, C>(&self, clips: &[C]) -> Result<Features, RewardError>
+    where
+        C: Into<Clip<'c>> + Copy + Sync,
+    {
         let rows = self.clips(clips)?;
         let refs: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
         Ok(Features::stack(&refs, self.width()))
     }
 
     /// Per-band mean and standard deviation of the log-mel values of `clips`.
-    pub fn measure(n_mels: usize, clips: &[&[u32]]) -> Result<FrontendConfig, RewardError> {
+    pub fn measure<'c, C>(n_mels: usize, clips: &[C]) -> Result<FrontendConfig, RewardError>
+    where
+        C: Into<Clip<'c>> + Copy + Sync,
+    {
         let probe = Frontend::new(FrontendConfig {
             n_mels,
             mean: vec![0.0; n_mels],
@@ -154,7 +266,7 @@ impl Frontend {
         })?;
         let raws: Vec<Vec<f32>> = clips
             .par_iter()
-            .map(|t| probe.raw(t))
+            .map(|&c| probe.raw(c.into()))
             .collect::<Result<_, _>>()?;
         let mut sum = vec![0f64; n_mels];
         let mut sq = vec![0f64; n_mels];
@@ -300,10 +412,90 @@ mod tests {
         assert_eq!(&xs[32 * w..62 * w], &batch.data[30 * w..60 * w]);
     }
 
+    /// The frequency of the largest bin of the spectrum of `x` at `rate`.
+    fn peak_hz(x: &[f32], rate: u32) -> f64 {
+        let mut input: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+        let fft = realfft::RealFftPlanner::<f64>::new().plan_fft_forward(input.len());
+        let mut spectrum = fft.make_output_vec();
+        fft.process(&mut input, &mut spectrum).unwrap();
+        let peak = (0..spectrum.len())
+            .max_by(|&a, &b| spectrum[a].norm().total_cmp(&spectrum[b].norm()))
+            .unwrap();
+        peak as f64 * f64::from(rate) / x.len() as f64
+    }
+
+    fn sine(hz: f64, rate: u32, len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                (0.5 * (2.0 * std::f64::consts::PI * hz * i as f64 / f64::from(rate)).sin()) as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn resampling_keeps_frequency_length_and_timing() {
+        let input = sine(440.0, 32_000, 32_000);
+        let output = resample(&input, 32_000, 16_000).unwrap();
+        assert_eq!(output.len(), 16_000);
+        // One second: bins are 1 Hz apart.
+        assert_eq!(peak_hz(&input, 32_000), 440.0);
+        assert_eq!(peak_hz(&output, 16_000), 440.0);
+        // Sample by sample it is the same sine sampled at 16 kHz: no delay,
+        // no change of level (away from the clip's edges).
+        let expected = sine(440.0, 16_000, 16_000);
+        let worst = output[500..15_500]
+            .iter()
+            .zip(&expected[500..15_500])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-3, "largest difference {worst}");
+        // Up, from the tiny EnCodec's 8 kHz: twice the length.
+        let up = resample(&sine(440.0, 8_000, 4_001), 8_000, 16_000).unwrap();
+        assert_eq!(up.len(), 8_002);
+        for (len, from, to) in [
+            (32_000, 32_000, 16_000),
+            (4_001, 8_000, 16_000),
+            (7, 16_000, 16_000),
+        ] {
+            assert_eq!(
+                resample(&sine(440.0, from, len), from, to).unwrap().len(),
+                resampled_len(len, from, to)
+            );
+        }
+        assert_eq!(resample(&input[..7], 16_000, 16_000).unwrap(), &input[..7]);
+    }
+
+    #[test]
+    fn audio_gives_one_row_per_started_token_frame() {
+        let fe = Frontend::new(FrontendConfig::default()).unwrap();
+        let n = 7;
+        for (len, rows) in [(n * 640, n), (n * 640 - 100, n), (n * 640 + 1, n + 1)] {
+            let audio = sine(440.0, 16_000, len);
+            let f = fe.clip(Clip::Audio(&audio)).unwrap();
+            assert_eq!(f.len(), rows * fe.width(), "{len} samples");
+            assert_eq!(Clip::Audio(&audio).frames(), rows);
+        }
+        // The codec's own audio heard as a waveform is heard as its tokens.
+        let tokens = Corpus::new(3, 12).example(Split::Train, 0).tokens;
+        let audio = render(&tokens).unwrap();
+        assert_eq!(
+            fe.clip(Clip::Audio(&audio)).unwrap(),
+            fe.clip(&tokens).unwrap()
+        );
+        let batch = fe
+            .batch(&[Clip::Audio(&audio[..640 * 5]), Clip::Tokens(&tokens)])
+            .unwrap();
+        assert_eq!(batch.lengths, vec![5, 12]);
+        let mut bad = audio.clone();
+        bad[3] = f32::NAN;
+        assert!(fe.clip(Clip::Audio(&bad)).is_err());
+        assert!(fe.clip(Clip::Audio(&[])).is_err());
+    }
+
     #[test]
     fn rejects_empty_clips_and_bad_statistics() {
         let fe = Frontend::new(FrontendConfig::default()).unwrap();
-        assert!(fe.clip(&[]).is_err());
+        assert!(fe.clip(Clip::Tokens(&[])).is_err());
         let mut cfg = FrontendConfig::default();
         cfg.std[3] = 0.0;
         assert!(Frontend::new(cfg).is_err());

@@ -1,7 +1,8 @@
 //! Encore's reward models: the three rewards of MusicRL as candle networks
 //! that Encore trains and serves.
 //!
-//! - [`frontend`]: tokens -> waveform (the codec) -> normalised log-mel rows.
+//! - [`frontend`]: tokens -> waveform (the codec) -> normalised log-mel rows,
+//!   or a waveform decoded elsewhere (MusicGen's EnCodec) -> the same rows.
 //!   Reward models only ever see audio features.
 //! - [`nn`]: the audio tower (dilated convolutions, statistics pooling) and
 //!   the caption tower the models share.
@@ -22,7 +23,7 @@ pub mod model;
 pub mod nn;
 pub mod train;
 
-pub use frontend::{Features, Frontend, FrontendConfig};
+pub use frontend::{Clip, Features, Frontend, FrontendConfig, resample, resampled_len};
 pub use model::{CODEC_ID, RewardConfig, RewardKind, RewardModel, ScoreInput};
 pub use nn::ArchConfig;
 

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::RewardError;
-use crate::frontend::{Features, Frontend, FrontendConfig};
+use crate::frontend::{Clip, Features, Frontend, FrontendConfig};
 use crate::nn::{ArchConfig, AudioTower, Head, TextTower, l2_normalize};
 
 /// File name of the weights inside a checkpoint directory.
@@ -169,8 +169,26 @@ impl RewardConfig {
 pub struct ScoreInput<'a> {
     /// The prompt caption.
     pub caption: &'a str,
-    /// Audio tokens.
-    pub tokens: &'a [u32],
+    /// The music: tokens of the embedded codec, or a 16 kHz waveform.
+    pub clip: Clip<'a>,
+}
+
+impl<'a> ScoreInput<'a> {
+    /// Tokens of the embedded codec for `caption`.
+    pub fn tokens(caption: &'a str, tokens: &'a [u32]) -> Self {
+        Self {
+            caption,
+            clip: Clip::Tokens(tokens),
+        }
+    }
+
+    /// A 16 kHz mono waveform for `caption` (see [`Clip::Audio`]).
+    pub fn audio(caption: &'a str, samples: &'a [f32]) -> Self {
+        Self {
+            caption,
+            clip: Clip::Audio(samples),
+        }
+    }
 }
 
 /// The trainable parts of a model, by kind.
@@ -360,7 +378,7 @@ impl RewardModel {
     /// activations in the caches (a 64-clip pass costs more per clip than
     /// eight 8-clip ones); on a GPU it runs the whole batch at once.
     pub fn score(&self, items: &[ScoreInput<'_>]) -> Result<Vec<f32>, RewardError> {
-        let clips: Vec<&[u32]> = items.iter().map(|i| i.tokens).collect();
+        let clips: Vec<Clip<'_>> = items.iter().map(|i| i.clip).collect();
         let rows = self.frontend.clips(&clips)?;
         // An accelerator wants the whole batch in one pass.
         let per_pass = if self.device.is_cpu() {
@@ -534,14 +552,8 @@ mod tests {
         for kind in RewardKind::ALL {
             let model = RewardModel::fresh(tiny(kind), &Device::Cpu, 7).unwrap();
             let items = [
-                ScoreInput {
-                    caption: &a.caption,
-                    tokens: &a.tokens,
-                },
-                ScoreInput {
-                    caption: &b.caption,
-                    tokens: &b.tokens,
-                },
+                ScoreInput::tokens(&a.caption, &a.tokens),
+                ScoreInput::tokens(&b.caption, &b.tokens),
             ];
             let both = model.score(&items).unwrap();
             let alone = model.score(&items[..1]).unwrap();
@@ -559,10 +571,7 @@ mod tests {
     #[test]
     fn the_seed_fixes_the_weights_and_a_checkpoint_round_trips() {
         let ex = Corpus::new(2, 40).example(Split::Train, 3);
-        let items = [ScoreInput {
-            caption: &ex.caption,
-            tokens: &ex.tokens,
-        }];
+        let items = [ScoreInput::tokens(&ex.caption, &ex.tokens)];
         let mut m1 = RewardModel::fresh(tiny(RewardKind::Preference), &Device::Cpu, 11).unwrap();
         let m2 = RewardModel::fresh(tiny(RewardKind::Preference), &Device::Cpu, 11).unwrap();
         let m3 = RewardModel::fresh(tiny(RewardKind::Preference), &Device::Cpu, 12).unwrap();

@@ -273,12 +273,16 @@ fn fresh_model(
     Ok(model)
 }
 
-/// Features of every clip, in parallel chunks so progress can be shown.
-fn features_of(
+/// Features of every clip (token slices or [`crate::Clip`]s, audio
+/// included), in parallel chunks so progress can be shown.
+fn features_of<'c, C>(
     frontend: &Frontend,
-    clips: &[&[u32]],
+    clips: &[C],
     progress: &mut dyn FnMut(Progress),
-) -> Result<Vec<Vec<f32>>, RewardError> {
+) -> Result<Vec<Vec<f32>>, RewardError>
+where
+    C: Into<crate::Clip<'c>> + Copy + Sync,
+{
     let mut out = Vec::with_capacity(clips.len());
     for chunk in clips.chunks(512) {
         out.extend(frontend.clips(chunk)?);
@@ -577,10 +581,7 @@ fn evaluate_quality_clips(
     for chunk in clips.chunks(128) {
         let items: Vec<crate::ScoreInput> = chunk
             .iter()
-            .map(|c| crate::ScoreInput {
-                caption: "",
-                tokens: c.tokens,
-            })
+            .map(|c| crate::ScoreInput::tokens("", c.tokens))
             .collect();
         predicted.extend(model.score(&items)?.into_iter().map(f64::from));
     }
@@ -700,14 +701,8 @@ pub fn evaluate_preference(
             .iter()
             .flat_map(|r| {
                 [
-                    crate::ScoreInput {
-                        caption: &r.caption,
-                        tokens: &r.a.tokens,
-                    },
-                    crate::ScoreInput {
-                        caption: &r.caption,
-                        tokens: &r.b.tokens,
-                    },
+                    crate::ScoreInput::tokens(&r.caption, &r.a.tokens),
+                    crate::ScoreInput::tokens(&r.caption, &r.b.tokens),
                 ]
             })
             .collect();

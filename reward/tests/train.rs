@@ -85,14 +85,8 @@ fn preference_model_beats_chance_and_round_trips() {
     let loaded = RewardModel::load(dir.path(), &Device::Cpu).unwrap();
     let r = &records[0];
     let items = [
-        ScoreInput {
-            caption: &r.caption,
-            tokens: &r.a.tokens,
-        },
-        ScoreInput {
-            caption: &r.caption,
-            tokens: &r.b.tokens,
-        },
+        ScoreInput::tokens(&r.caption, &r.a.tokens),
+        ScoreInput::tokens(&r.caption, &r.b.tokens),
     ];
     assert_eq!(model.score(&items).unwrap(), loaded.score(&items).unwrap());
     assert!(loaded.config().description.contains("accuracy"));

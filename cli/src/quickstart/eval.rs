@@ -161,10 +161,7 @@ pub(super) fn evaluate(
             for (i, samples) in model_clips.iter().enumerate() {
                 let items: Vec<ScoreInput> = samples
                     .iter()
-                    .map(|tokens| ScoreInput {
-                        caption: captions[i],
-                        tokens,
-                    })
+                    .map(|tokens| ScoreInput::tokens(captions[i], tokens))
                     .collect();
                 per_prompt.push(model.score(&items)?);
             }

@@ -283,10 +283,7 @@ fn profile(args: &Args, device: &Device, clips: &[ScoreItem]) -> anyhow::Result<
             let items = &clips[..batch.min(clips.len())];
             let inputs: Vec<ScoreInput<'_>> = items
                 .iter()
-                .map(|i| ScoreInput {
-                    caption: &i.caption,
-                    tokens: &i.tokens,
-                })
+                .map(|i| ScoreInput::tokens(&i.caption, &i.tokens))
                 .collect();
             let tokens: Vec<&[u32]> = items.iter().map(|i| i.tokens.as_slice()).collect();
             let repeats = (320 / batch).clamp(5, 50);

@@ -1,7 +1,8 @@
 //! `reward-score`: a command-line client of `encore.v1.RewardService`.
 //!
 //! Reads items from a JSON Lines file, one `{"caption": "...", "tokens":
-//! [...]}` per line, sends them in one Score request and prints the scores
+//! [...]}` per line (with `"codebooks": K` for a MusicGen policy's EnCodec
+//! codes, `tokens` row-major `[K][frames]`), sends them in one Score request and prints the scores
 //! as JSON on stdout:
 //!
 //! ```text
@@ -63,6 +64,14 @@ struct Args {
 struct Item {
     caption: String,
     tokens: Vec<u32>,
+    /// EnCodec codebooks in `tokens` (0 or absent: the embedded codec's
+    /// tokens).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    codebooks: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// What is printed: scores by model, each in item order.
@@ -185,6 +194,7 @@ fn read_items(path: &Path) -> anyhow::Result<Vec<ScoreItem>> {
         items.push(ScoreItem {
             caption: item.caption,
             tokens: item.tokens,
+            codebooks: item.codebooks,
         });
     }
     if items.is_empty() {
@@ -207,6 +217,7 @@ fn write_examples(path: &Path, n: usize, frames: usize, seed: u64) -> anyhow::Re
         let item = Item {
             caption: ex.caption,
             tokens: ex.tokens,
+            codebooks: ex.codebooks,
         };
         serde_json::to_writer(&mut out, &item)?;
         out.write_all(b"\n")?;

@@ -4,12 +4,13 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of this.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use candle_core::Device;
 use encore_proto::v1::reward_service_client::RewardServiceClient;
-use encore_proto::v1::{ScoreItem, ScoreRequest};
+use encore_proto::v1::{ScoreItem, ScoreRequest, ScoreResponse};
 use encore_reward::{ArchConfig, RewardConfig, RewardKind, RewardModel};
 use encore_reward_server::{Config, Gate, RunningServer, ServerBuilder};
 use http_body_util::{BodyExt, Empty};
@@ -19,6 +20,7 @@ use hyper_util::rt::TokioExecutor;
 use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+use tonic_types::StatusExt;
 
 /// Bounds every wait on the server, so that a bug fails the test instead
 /// of hanging it.
@@ -73,6 +75,11 @@ impl TestServer {
         for (name, model) in models {
             builder = builder.model(name, model);
         }
+        Self::from_builder(builder).await
+    }
+
+    /// Starts the server `builder` describes.
+    pub async fn from_builder(builder: ServerBuilder) -> Self {
         let shutdown = CancellationToken::new();
         // `start` returns once the server is ready.
         let server = builder.start(shutdown.clone()).await.unwrap();
@@ -82,6 +89,19 @@ impl TestServer {
             shutdown,
             client,
         }
+    }
+
+    /// Scores `items` with the named models; panics if the server refuses.
+    pub async fn scores(&mut self, items: Vec<ScoreItem>, models: &[&str]) -> ScoreResponse {
+        let n = items.len();
+        let response = self
+            .client
+            .score(request(items, models))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(response.results.len(), n);
+        response
     }
 
     /// Cancels the token and waits for the server to stop.
@@ -178,4 +198,16 @@ pub fn request(items: Vec<ScoreItem>, models: &[&str]) -> ScoreRequest {
         items,
         models: models.iter().map(|m| (*m).to_owned()).collect(),
     }
+}
+
+/// The fields a refused request's BadRequest names, with their reasons.
+pub fn violations(status: &tonic::Status) -> HashMap<String, String> {
+    status
+        .get_error_details()
+        .bad_request()
+        .expect("a BadRequest")
+        .field_violations
+        .iter()
+        .map(|v| (v.field.clone(), v.reason.clone()))
+        .collect()
 }

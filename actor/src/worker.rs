@@ -327,7 +327,7 @@ impl Actor {
                 .map(|(caption, tokens)| ScoreItem {
                     caption: caption.clone(),
                     tokens: tokens.clone(),
-                    codebooks: 0,
+                    codebooks: samples.codebooks,
                 })
                 .collect();
             let scores = rewards.score(items, cancel).await?;

@@ -80,7 +80,10 @@ async fn the_job_cli_drives_a_coordinator_on_redis() {
     // The shipped examples are valid specs.
     let out = stdout(&encore(&url, &["submit", example, "--validate-only"]).await);
     assert!(out.contains("valid"), "{out}");
-    let musicgen = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/musicgen-small.toml");
+    let musicgen = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/musicgen-small.toml"
+    );
     let out = stdout(&encore(&url, &["submit", musicgen, "--validate-only"]).await);
     assert!(out.contains("valid"), "{out}");
 

@@ -902,8 +902,8 @@ fn reward_specs(stage: &Stage) -> Result<Vec<RewardSpec>, LearnerError> {
 
 /// The batch in `entry` if it may be trained on, else why not and how many
 /// rollouts are dropped. A malformed batch (a score of the stage missing or
-/// not finite, a group short of `k` samples, tokens without their
-/// log-probs) is dropped as `invalid` here, so that one bad batch costs its
+/// not finite, a group short of `k` samples, tokens without one log-prob
+/// per decoder step) is dropped as `invalid` here, so that one bad batch costs its
 /// own rollouts rather than failing every attempt at the step it would join.
 fn usable(
     entry: &QueueEntry,
@@ -931,8 +931,8 @@ fn usable(
         return Err(("stale", n));
     }
     let malformed = |r: &Rollout| {
-        r.tokens.is_empty()
-            || r.tokens.len() != r.behaviour_log_probs.len()
+        encore_policies::decoder_steps(r.tokens.len(), r.codebooks)
+            != Some(r.behaviour_log_probs.len())
             || r.behaviour_log_probs.iter().any(|lp| !lp.is_finite())
             || specs.iter().any(|spec| {
                 r.scores

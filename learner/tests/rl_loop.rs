@@ -17,8 +17,9 @@ use encore_model::{Preset, TrainablePolicy};
 use encore_proto::v1::job_service_client::JobServiceClient;
 use encore_proto::v1::{
     Algorithm, JobResources, JobSpec, JobState, ModelRef, Normalization, NormalizationKind,
-    PolicyVersion, Prompt, PromptList, PromptSource, RewardConfig, Rollout, SamplingParams, Score,
-    ScoredBatch, Stage, StopCondition, SubmitJobRequest, WatchJobRequest, job_event, prompt_source,
+    PolicyArchitecture, PolicyVersion, Prompt, PromptList, PromptSource, RewardConfig, Rollout,
+    SamplingParams, Score, ScoredBatch, Stage, StopCondition, SubmitJobRequest, WatchJobRequest,
+    job_event, prompt_source,
 };
 use encore_raters::generate::{self, GenConfig};
 use encore_reward::train::{self, TrainConfig};
@@ -34,6 +35,12 @@ const PATIENCE: Duration = Duration::from_secs(300);
 const WORKER: &str = "worker-token";
 const CLIENT: &str = "client-token";
 const STEPS: u64 = 6;
+const PROMPTS: [&str; 4] = [
+    "calm solo piano",
+    "fast drums",
+    "slow strings",
+    "bright synth lead",
+];
 
 fn spec(base: &std::path::Path, shape: Shape) -> JobSpec {
     let mut spec = JobSpec {
@@ -45,20 +52,15 @@ fn spec(base: &std::path::Path, shape: Shape) -> JobSpec {
         }),
         prompts: Some(PromptSource {
             source: Some(prompt_source::Source::Inline(PromptList {
-                prompts: [
-                    "calm solo piano",
-                    "fast drums",
-                    "slow strings",
-                    "bright synth lead",
-                ]
-                .iter()
-                .enumerate()
-                .map(|(i, c)| Prompt {
-                    prompt_id: format!("p{i}"),
-                    caption: (*c).into(),
-                    ..Prompt::default()
-                })
-                .collect(),
+                prompts: PROMPTS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| Prompt {
+                        prompt_id: format!("p{i}"),
+                        caption: (*c).into(),
+                        ..Prompt::default()
+                    })
+                    .collect(),
             })),
         }),
         rewards: vec![RewardConfig {
@@ -122,6 +124,10 @@ struct Shape {
     /// The coordinator on the embedded store (workers reach the queue
     /// through its RolloutQueueService) instead of Redis.
     embedded: bool,
+    /// The base is a random tiny MusicGen checkpoint (Hugging Face layout)
+    /// and the reward server decodes its EnCodec codes, instead of the tiny
+    /// preset over the embedded codec.
+    musicgen: bool,
     /// Changes the test's spec before it is submitted.
     edit: fn(&mut JobSpec),
     /// The coordinator speaks TLS (a self-signed certificate for
@@ -146,6 +152,7 @@ impl Shape {
             checkpoint_every: 2,
             queue_max_batches: 64,
             embedded: false,
+            musicgen: false,
             edit: |_| {},
             tls: false,
         }
@@ -203,6 +210,33 @@ fn trained_models(base: &std::path::Path) -> RewardModel {
         started.elapsed() - pretrained,
         train::describe(&report)
     );
+    model
+}
+
+/// A random tiny MusicGen base (4 codebooks of 32 codes, EnCodec at 8 kHz,
+/// 50 frames/s, a word tokenizer over the test's prompts) and a random
+/// quality model whose output layer is steepened eightfold, so that clips
+/// differ in reward by more than the policy's sampling noise can hide: a
+/// reward with something to climb.
+fn musicgen_models(base: &std::path::Path) -> RewardModel {
+    let words: Vec<&str> = PROMPTS.iter().flat_map(|p| p.split(' ')).collect();
+    encore_musicgen::write_random_checkpoint(
+        base,
+        &encore_musicgen::tiny_config(32, 32, 2, 32),
+        &words,
+        5,
+    )
+    .unwrap();
+    let mut quality = ModelConfig::new(RewardKind::Quality);
+    quality.arch = ArchConfig::tiny();
+    quality.min_tokens = 4;
+    quality.max_tokens = 200;
+    let model = RewardModel::fresh(quality, &Device::Cpu, 3).unwrap();
+    for var in model.vars().all_vars() {
+        if var.dims().first() == Some(&1) && var.rank() == 2 {
+            var.set(&(var.as_tensor() * 8.0).unwrap()).unwrap();
+        }
+    }
     model
 }
 
@@ -440,7 +474,9 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
         (Some(redis), uri)
     };
     let base = dir.path().join("base");
-    let mut quality_model = if shape.trained {
+    let mut quality_model = if shape.musicgen {
+        musicgen_models(&base)
+    } else if shape.trained {
         let base = base.clone();
         tokio::task::spawn_blocking(move || trained_models(&base))
             .await
@@ -498,28 +534,45 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
         None => format!("http://{}", coordinator.grpc_addr()),
     };
 
+    let musicgen_base = shape.musicgen.then(|| base.clone());
     let reward_server = {
         let (url, quality_dir, ca) = (url.clone(), quality_dir.clone(), ca.clone());
+        let musicgen_base = musicgen_base.clone();
         move |listen: SocketAddr, token: CancellationToken| {
-            let (url, quality_dir, ca) = (url.clone(), quality_dir.clone(), ca.clone());
+            let (url, quality_dir, ca, musicgen_base) = (
+                url.clone(),
+                quality_dir.clone(),
+                ca.clone(),
+                musicgen_base.clone(),
+            );
             async move {
-                ServerBuilder::new(RewardServerConfig {
+                let config = RewardServerConfig {
                     listen,
                     admin: SocketAddr::from(([127, 0, 0, 1], 0)),
                     shutdown_grace_ms: 500,
                     coordinator: url,
                     tls: ca,
                     worker_token: Some(WORKER.into()),
+                    audio_codec: musicgen_base.clone(),
                     ..RewardServerConfig::default()
-                })
-                .registry(prometheus::Registry::new())
-                .model(
-                    "quality",
-                    RewardModel::load(&quality_dir, &Device::Cpu).unwrap(),
-                )
-                .start(token)
-                .await
-                .unwrap()
+                };
+                let codec = encore_reward_server::load_audio_codec(&config)
+                    .await
+                    .unwrap();
+                let builder = ServerBuilder::new(config);
+                let builder = match codec {
+                    Some(codec) => builder.audio_codec(codec),
+                    None => builder,
+                };
+                builder
+                    .registry(prometheus::Registry::new())
+                    .model(
+                        "quality",
+                        RewardModel::load(&quality_dir, &Device::Cpu).unwrap(),
+                    )
+                    .start(token)
+                    .await
+                    .unwrap()
             }
         }
     };
@@ -1004,6 +1057,27 @@ async fn a_learner_that_cannot_train_fails_the_job_with_the_cause() {
     );
 }
 
+/// A spec that names an architecture its base checkpoint does not hold
+/// fails with both named, instead of training something else.
+#[tokio::test]
+async fn a_base_of_another_architecture_than_the_spec_names_fails_the_job() {
+    let outcome = run_job(
+        Shape {
+            edit: |spec| spec.architecture = PolicyArchitecture::Musicgen as i32,
+            ..Shape::small(4)
+        },
+        Fault::None,
+    )
+    .await;
+    assert_eq!(outcome.end, Some(JobState::Failed as i32));
+    assert!(
+        outcome.failure.contains("spec.architecture: musicgen")
+            && outcome.failure.contains("holds a tiny checkpoint"),
+        "{}",
+        outcome.failure
+    );
+}
+
 /// Batches the learner has read stay in the queue until the checkpoint that
 /// covers them. With a checkpoint interval holding more batches than the
 /// actors' queue bound (here 20 steps of 2 batches against a bound of 4),
@@ -1133,4 +1207,80 @@ async fn workers_run_a_job_on_a_tls_coordinator() {
     .await;
     outcome.assert_succeeded_after(STEPS_TLS);
     outcome.assert_every_rollout_accounted_for();
+}
+
+/// A MusicGen-architecture policy (random tiny config, Hugging Face layout)
+/// runs a whole job: actors sample 4 codebooks with the delay pattern and
+/// guidance, the reward server decodes the codes with the checkpoint's
+/// EnCodec and scores the audio, the learner trains the decoder, publishes,
+/// and actors pick the new weights up. The reward rises.
+#[tokio::test]
+async fn a_musicgen_policy_learns_from_encodec_audio_rewards() {
+    const STEPS_TRAINED: u64 = 60;
+    let outcome = run_job(
+        Shape {
+            batch: 32,
+            k: 4,
+            frames: 16,
+            learning_rate: 5e-3,
+            musicgen: true,
+            // The random reward's spread between clips is small on its own
+            // scale; z-scoring gives the policy gradient unit-size
+            // advantages.
+            edit: |spec| {
+                for r in &mut spec.rewards {
+                    r.normalization = Some(Normalization {
+                        kind: NormalizationKind::RunningZScore as i32,
+                        ..Normalization::default()
+                    });
+                }
+            },
+            ..Shape::small(STEPS_TRAINED)
+        },
+        Fault::None,
+    )
+    .await;
+    assert_eq!(
+        outcome.end,
+        Some(JobState::Succeeded as i32),
+        "{}",
+        outcome.failure
+    );
+    outcome.assert_every_rollout_accounted_for();
+    let rewards: Vec<f64> = outcome
+        .points
+        .iter()
+        .map(|p| p.rewards["quality"].mean)
+        .collect();
+    assert_eq!(rewards.len() as u64, STEPS_TRAINED);
+    // Weights were published, and actors fetched them: had they kept
+    // sampling the base, the last steps' rollouts would be some 60 versions
+    // stale.
+    let last = outcome.points.last().unwrap();
+    assert!(
+        last.policy_version > 1,
+        "versions published: {}",
+        last.policy_version
+    );
+    assert!(
+        last.staleness_max <= 8,
+        "the last step trained on rollouts {} versions old",
+        last.staleness_max
+    );
+    // The rise of the mean reward from the first 10 steps to the last 10,
+    // in standard errors of that difference (from the steps' own spread).
+    let stats = |xs: &[f64]| {
+        let m = xs.iter().sum::<f64>() / xs.len() as f64;
+        let v = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (xs.len() - 1) as f64;
+        (m, v / xs.len() as f64)
+    };
+    let ((first, v1), (last, v2)) = (stats(&rewards[..10]), stats(&rewards[rewards.len() - 10..]));
+    let z = (last - first) / (v1 + v2).sqrt();
+    println!(
+        "quality reward per step {rewards:.3?}: first 10 {first:.3}, last 10 {last:.3}, rise {z:.1} SE"
+    );
+    assert!(
+        z >= 3.0,
+        "the reward rose by {z:.1} standard errors only ({first:.3} -> {last:.3})"
+    );
 }

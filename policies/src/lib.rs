@@ -217,15 +217,10 @@ impl AnyPolicy {
         }
     }
 
-    /// Decoder steps (log-probs) of a clip of `tokens` tokens.
+    /// Decoder steps (log-probs) of a clip of `tokens` tokens (0 when they
+    /// do not fill whole frames of the policy's codebooks).
     pub fn steps_for(&self, tokens: usize) -> usize {
-        match self {
-            Self::Tiny(_) => tokens,
-            Self::Musicgen(m) => {
-                let k = m.model.codebooks();
-                if tokens == 0 { 0 } else { tokens / k + k - 1 }
-            }
-        }
+        decoder_steps(tokens, self.codebooks()).unwrap_or(0)
     }
 
     /// Codebooks per clip.
@@ -268,6 +263,18 @@ fn musicgen_log_probs(m: &MusicgenPolicy, captions: &[&str], clips: &[&[u32]]) -
         .collect();
     let cond = m.model.condition(captions)?;
     Ok(m.model.log_probs(&codes, &cond, m.guidance_scale)?)
+}
+
+/// Decoder steps, and so behaviour log-probs, of a clip of `tokens` tokens
+/// in `codebooks` codebooks (0 or 1: one stream, one step per token; K:
+/// MusicGen's delay pattern, frames + K - 1). `None` when the tokens are
+/// empty or do not fill whole frames.
+pub fn decoder_steps(tokens: usize, codebooks: u32) -> Option<usize> {
+    let k = codebooks.max(1) as usize;
+    if tokens == 0 || !tokens.is_multiple_of(k) {
+        return None;
+    }
+    Some(if k == 1 { tokens } else { tokens / k + k - 1 })
 }
 
 /// Loads published weights for sampling: `config_json` is

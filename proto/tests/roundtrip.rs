@@ -6,8 +6,9 @@ use std::collections::HashMap;
 
 use encore_proto::v1::{
     Algorithm, AlgorithmKind, DeviceKind, JobResources, JobSpec, ModelRef, Normalization,
-    NormalizationKind, PolicyVersion, Prompt, PromptList, PromptSource, Resources, RewardConfig,
-    Rollout, SamplingParams, Score, ScoredBatch, Seeds, Stage, StopCondition, prompt_source,
+    NormalizationKind, PolicyArchitecture, PolicyVersion, Prompt, PromptList, PromptSource,
+    Resources, RewardConfig, Rollout, SamplingParams, Score, ScoredBatch, Seeds, Stage,
+    StopCondition, prompt_source,
 };
 use prost::Message;
 use prost_types::{Duration, Struct, Timestamp, Value, value::Kind};
@@ -211,6 +212,7 @@ fn job_spec() -> JobSpec {
         publish_every_steps: 1,
         checkpoint_every_steps: 50,
         labels: HashMap::from([("team".into(), "audio".into())]),
+        architecture: PolicyArchitecture::Musicgen as i32,
     }
 }
 

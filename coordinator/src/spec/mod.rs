@@ -31,8 +31,8 @@ use std::collections::{BTreeSet, HashMap};
 use encore_proto::status::Violations;
 use encore_proto::v1::{
     Algorithm, AlgorithmKind, DeviceKind, ErrorReason, JobResources, JobSpec, ModelRef,
-    Normalization, NormalizationKind, PolicyArchitecture, Prompt, PromptSource, RewardConfig, SamplingParams, Seeds,
-    Stage, StopCondition, prompt_source,
+    Normalization, NormalizationKind, PolicyArchitecture, Prompt, PromptSource, RewardConfig,
+    SamplingParams, Seeds, Stage, StopCondition, prompt_source,
 };
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint};

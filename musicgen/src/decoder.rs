@@ -161,9 +161,13 @@ impl Layer {
 
 /// Keys and values of everything decoded so far, and the text's keys and
 /// values, per layer: incremental decoding does one position per step.
-#[derive(Debug, Clone)]
+///
+/// Self-attention keys and values go into buffers that grow by doubling and
+/// are written in place, so a step copies only its own position, not the
+/// whole history.
+#[derive(Debug)]
 pub struct DecoderCache {
-    past: Vec<Option<(Tensor, Tensor)>>,
+    past: Vec<candle_nn::kv_cache::KvCache>,
     cross: Vec<(Tensor, Tensor)>,
     cross_mask: Tensor,
     len: usize,
@@ -288,7 +292,9 @@ impl Decoder {
             .map(|l| l.cross_attn.keys_values(&cond.states))
             .collect::<Result<Vec<_>>>()?;
         Ok(DecoderCache {
-            past: vec![None; self.layers.len()],
+            past: (0..self.layers.len())
+                .map(|_| candle_nn::kv_cache::KvCache::new(2, 64))
+                .collect(),
             cross,
             cross_mask: cond.additive()?,
             len: 0,
@@ -327,15 +333,8 @@ impl Decoder {
                 for (i, layer) in self.layers.iter().enumerate() {
                     let h = xs.apply(&layer.self_norm)?;
                     let (k_new, v_new) = layer.self_attn.keys_values(&h)?;
-                    let (k, v) = match cache.past[i].take() {
-                        Some((k0, v0)) => (
-                            Tensor::cat(&[&k0, &k_new], 2)?,
-                            Tensor::cat(&[&v0, &v_new], 2)?,
-                        ),
-                        None => (k_new, v_new),
-                    };
+                    let (k, v) = cache.past[i].append(&k_new, &v_new)?;
                     xs = (&xs + layer.self_attn.attend(&h, &k, &v, self_mask.as_ref())?)?;
-                    cache.past[i] = Some((k, v));
                     let (ck, cv) = &cache.cross[i];
                     xs = self.cross_and_ffn(layer, xs, ck, cv, &cache.cross_mask)?;
                 }

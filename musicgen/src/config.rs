@@ -19,7 +19,7 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// The weights of a checkpoint directory, memory-mapped as f32 on `device`.
-pub(crate) fn mmap_weights(dir: &Path, device: &Device) -> Result<VarBuilder<'static>> {
+pub fn mmap_weights(dir: &Path, device: &Device) -> Result<VarBuilder<'static>> {
     let weights = dir.join(WEIGHTS_FILE);
     if !weights.is_file() {
         return Err(MusicgenError::checkpoint(
@@ -27,10 +27,16 @@ pub(crate) fn mmap_weights(dir: &Path, device: &Device) -> Result<VarBuilder<'st
             "missing (sharded checkpoints are not supported)",
         ));
     }
+    mmap_file(&weights, device)
+}
+
+/// One safetensors file (e.g. published decoder weights), memory-mapped as
+/// f32 on `device`.
+pub fn mmap_file(path: &Path, device: &Device) -> Result<VarBuilder<'static>> {
     // SAFETY: the file is mapped read-only; like every safetensors loader we
     // rely on nobody truncating it while it is mapped.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
-        .map_err(|e| MusicgenError::checkpoint(&weights, e))
+    unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device) }
+        .map_err(|e| MusicgenError::checkpoint(path, e))
 }
 
 /// The whole checkpoint's config.

@@ -20,6 +20,7 @@ mod random;
 
 pub use config::{
     CONFIG_FILE, DecoderConfig, EncodecConfig, MusicgenConfig, TOKENIZER_FILE, WEIGHTS_FILE,
+    mmap_file, mmap_weights,
 };
 pub use decoder::{Conditioning, Decoder, DecoderCache, sinusoidal_positions};
 pub use encodec::EncodecDecoder;

@@ -18,7 +18,7 @@ use crate::decoder::{Linear, log_softmax};
 use crate::delay::{delay, is_free, undelay};
 use crate::{
     Conditioning, Decoder, EncodecDecoder, MusicgenConfig, MusicgenError, Result, TOKENIZER_FILE,
-    WEIGHTS_FILE,
+    mmap_file, mmap_weights,
 };
 
 /// How to sample: the tiny policy's parameters plus classifier-free
@@ -87,17 +87,7 @@ impl Musicgen {
     /// `model.safetensors`, and `tokenizer.json` if present), memory-mapped.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg = MusicgenConfig::load(dir)?;
-        let weights = dir.join(WEIGHTS_FILE);
-        if !weights.is_file() {
-            return Err(MusicgenError::checkpoint(
-                &weights,
-                "missing (sharded checkpoints are not supported)",
-            ));
-        }
-        // SAFETY: the file is mapped read-only; like every safetensors
-        // loader we rely on nobody truncating it while it is mapped.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
-            .map_err(|e| MusicgenError::checkpoint(&weights, e))?;
+        let vb = mmap_weights(dir, device)?;
         let tokenizer = load_tokenizer(dir)?;
         Self::new(&cfg, vb.clone(), vb, tokenizer)
     }
@@ -106,14 +96,8 @@ impl Musicgen {
     /// taken from `decoder_weights` instead: what a learner published.
     pub fn load_with_decoder(dir: &Path, decoder_weights: &Path, device: &Device) -> Result<Self> {
         let cfg = MusicgenConfig::load(dir)?;
-        let weights = dir.join(WEIGHTS_FILE);
-        // SAFETY: as in `load`.
-        let frozen =
-            unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
-                .map_err(|e| MusicgenError::checkpoint(&weights, e))?;
-        let trained =
-            unsafe { VarBuilder::from_mmaped_safetensors(&[decoder_weights], DType::F32, device) }
-                .map_err(|e| MusicgenError::checkpoint(decoder_weights, e))?;
+        let frozen = mmap_weights(dir, device)?;
+        let trained = mmap_file(decoder_weights, device)?;
         Self::new(&cfg, frozen, trained, load_tokenizer(dir)?)
     }
 

@@ -339,13 +339,7 @@ impl AnyTrainable {
             Architecture::Musicgen => {
                 let cfg = MusicgenConfig::load(base)?;
                 let weights = base.join(WEIGHTS_FILE);
-                // SAFETY: read-only mapping of the base checkpoint, which
-                // nobody rewrites while a job trains from it.
-                let frozen =
-                    unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
-                        .map_err(|e| {
-                            PolicyError::Checkpoint(format!("{}: {e}", weights.display()))
-                        })?;
+                let frozen = encore_musicgen::mmap_weights(base, device)?;
                 let vars = VarMap::new();
                 let model = Musicgen::new(
                     &cfg,
@@ -399,12 +393,7 @@ impl AnyTrainable {
         match &self.policy {
             AnyPolicy::Tiny(p) => Ok(AnyPolicy::Tiny(Policy::new(p.config(), detached)?)),
             AnyPolicy::Musicgen(m) => {
-                let weights = m.base.join(WEIGHTS_FILE);
-                // SAFETY: as in `load`.
-                let frozen = unsafe {
-                    VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &device)
-                }
-                .map_err(|e| PolicyError::Checkpoint(format!("{}: {e}", weights.display())))?;
+                let frozen = encore_musicgen::mmap_weights(&m.base, &device)?;
                 let model = Musicgen::new(
                     m.model.config(),
                     frozen,

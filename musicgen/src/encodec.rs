@@ -14,8 +14,9 @@
 use std::path::Path;
 
 use candle_core::{D, Device, IndexOp, Tensor};
-use candle_nn::{VarBuilder, rnn::RNN};
+use candle_nn::VarBuilder;
 
+use crate::decoder::Linear;
 use crate::{CONFIG_FILE, EncodecConfig, MusicgenError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -209,23 +210,68 @@ fn conv_transpose1d(xs: &Tensor, weight: &Tensor, stride: usize) -> Result<Tenso
     Ok(out.narrow(2, 0, (t - 1) * stride + k)?)
 }
 
+/// One LSTM layer (PyTorch's gate order: input, forget, cell, output).
+///
+/// The input projection of every time step is one matrix product up front;
+/// only the recurrent product `W_hh h` runs per step. (candle_nn's LSTM
+/// does both per step, as `x W^T` products, the slow orientation of
+/// candle's GEMM for a few rows.)
+#[derive(Debug, Clone)]
+struct LstmLayer {
+    /// `W_ih`, with both biases.
+    input: Linear,
+    /// `W_hh`, no bias.
+    recurrent: Linear,
+    dim: usize,
+}
+
+impl LstmLayer {
+    fn new(dim: usize, index: usize, vb: &VarBuilder) -> Result<Self> {
+        let w_ih = vb.get((4 * dim, dim), &format!("weight_ih_l{index}"))?;
+        let w_hh = vb.get((4 * dim, dim), &format!("weight_hh_l{index}"))?;
+        let b_ih = vb.get(4 * dim, &format!("bias_ih_l{index}"))?;
+        let b_hh = vb.get(4 * dim, &format!("bias_hh_l{index}"))?;
+        Ok(Self {
+            input: Linear::from_parts(w_ih, Some((b_ih + b_hh)?)),
+            recurrent: Linear::from_parts(w_hh, None),
+            dim,
+        })
+    }
+
+    /// `[b, t, dim]` -> the hidden states `[b, t, dim]`, from zero state.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = xs.dims3()?;
+        let d = self.dim;
+        let gates_in = self.input.forward(xs)?;
+        let mut h = Tensor::zeros((b, d), xs.dtype(), xs.device())?;
+        let mut c = h.clone();
+        let mut out = Vec::with_capacity(t);
+        for step in 0..t {
+            let gates = (gates_in.i((.., step, ..))? + self.recurrent.forward(&h)?)?;
+            let gate = |k: usize| gates.narrow(1, k * d, d);
+            let input = candle_nn::ops::sigmoid(&gate(0)?)?;
+            let forget = candle_nn::ops::sigmoid(&gate(1)?)?;
+            let cell = gate(2)?.tanh()?;
+            let output = candle_nn::ops::sigmoid(&gate(3)?)?;
+            c = ((forget * &c)? + (input * cell)?)?;
+            h = (output * c.tanh()?)?;
+            out.push(h.clone());
+        }
+        Ok(Tensor::stack(&out, 1)?)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Lstm {
-    layers: Vec<candle_nn::LSTM>,
+    layers: Vec<LstmLayer>,
 }
 
 impl Lstm {
     fn new(cfg: &EncodecConfig, dim: usize, vb: VarBuilder) -> Result<Self> {
         let vb = vb.pp("lstm");
         let layers = (0..cfg.num_lstm_layers)
-            .map(|layer_idx| {
-                let c = candle_nn::LSTMConfig {
-                    layer_idx,
-                    ..Default::default()
-                };
-                candle_nn::lstm(dim, dim, c, vb.clone())
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .map(|index| LstmLayer::new(dim, index, &vb))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self { layers })
     }
 
@@ -234,8 +280,7 @@ impl Lstm {
         let input = xs.transpose(1, 2)?.contiguous()?;
         let mut h = input.clone();
         for layer in &self.layers {
-            let states = layer.seq(&h)?;
-            h = layer.states_to_tensor(&states)?;
+            h = layer.forward(&h)?;
         }
         Ok((h + input)?.transpose(1, 2)?.contiguous()?)
     }

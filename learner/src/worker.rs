@@ -395,7 +395,20 @@ impl Learner {
                         }
                     }
                 };
+                if pending.contains(&entry.id) {
+                    // Read twice since the checkpoint (a queue that lost
+                    // its delivery state): consumed once, so neither
+                    // trained on nor counted again.
+                    tracing::warn!(job_id, id = %entry.id,
+                        "the queue delivered an entry this rank already holds; skipping it");
+                    continue;
+                }
                 pending.push(entry.id);
+                if state.trained_unacknowledged.contains(&entry.id.to_string()) {
+                    tracing::warn!(job_id, id = %entry.id,
+                        "the queue delivered an entry the checkpoint trained on; skipping it");
+                    continue;
+                }
                 match usable(
                     &entry,
                     &stage.name,
@@ -535,7 +548,17 @@ impl Learner {
                 .map_err(|e| LearnerError::Config(format!("barrier panicked: {e}")))?;
                 collective = back;
                 barrier?;
-                store.ack(job_id, GROUP, &pending).await?;
+                let acknowledged = store.ack(job_id, GROUP, &pending).await?;
+                if acknowledged < pending.len() as u64 {
+                    // Not pending for the group any more: acknowledged
+                    // already, or handed to another consumer.
+                    tracing::warn!(
+                        job_id,
+                        acknowledged,
+                        read = pending.len(),
+                        "the queue acknowledged fewer entries than this rank read"
+                    );
+                }
                 pending.clear();
                 self.metrics
                     .phase(job_id, Phase::Checkpoint, checkpoint_started.elapsed());

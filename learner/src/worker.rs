@@ -42,7 +42,7 @@ use prost::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{self, LearnerCheckpoint};
-use crate::collective::{Collective, CollectiveConfig, connect};
+use crate::collective::{Collective, CollectiveConfig, all_gather, connect};
 use crate::config::Config;
 use crate::error::LearnerError;
 use crate::loss::{Algorithm, LossConfig};
@@ -300,6 +300,18 @@ impl Learner {
                 .await
                 .map_err(|e| LearnerError::Config(format!("loading the model: {e}")))??
         };
+        // Every rank found its checkpoint on its own: refuse to train
+        // unless all of them stand where rank 0 does.
+        let step = state.step;
+        let (back, agreed) = tokio::task::spawn_blocking(move || {
+            let agreed = checkpoint::weights_sha256(&trainer.policy)
+                .and_then(|hash| checkpoint::agree_on_start(collective.as_mut(), step, &hash));
+            ((trainer, collective), agreed)
+        })
+        .await
+        .map_err(|e| LearnerError::Config(format!("comparing start states panicked: {e}")))?;
+        (trainer, collective) = back;
+        agreed?;
         // Wall-time limits count from these (kept in the checkpoint, so a
         // resumed rank counts from the job's start, not its own).
         let started_ms = unix_ms();
@@ -866,17 +878,14 @@ fn build_trainer(
     ))
 }
 
-/// Every rank's `mine`, in rank order, on every rank (one broadcast per
-/// rank; the lists are short: the entries of one checkpoint interval).
+/// Every rank's `mine`, in rank order, on every rank (the lists are short:
+/// the entries of one checkpoint interval).
 fn gather(collective: &mut dyn Collective, mine: &[String]) -> Result<Vec<String>, LearnerError> {
     let mut all = Vec::new();
-    for root in 0..collective.world_size() {
-        let mut bytes = if root == collective.rank() {
-            mine.join("\n").into_bytes()
-        } else {
-            Vec::new()
-        };
-        collective.broadcast(&mut bytes, root)?;
+    for (root, bytes) in all_gather(collective, mine.join("\n").as_bytes())?
+        .into_iter()
+        .enumerate()
+    {
         let text = String::from_utf8(bytes).map_err(|_| {
             LearnerError::StateMismatch(format!("rank {root} sent non-UTF-8 entry ids"))
         })?;

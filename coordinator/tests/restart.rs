@@ -1,19 +1,25 @@
 //! A coordinator process killed with SIGKILL mid-job and started again on
-//! the same Redis carries on: the same jobs, states, leases, assignments
-//! and metric history, with no help from the clients.
+//! the same store carries on: on Redis the same jobs, states, leases,
+//! assignments and metric history, with no help from the clients; on the
+//! embedded store the rollout queue it serves keeps what each learner
+//! holds.
 
 mod support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
+use encore_coordinator::member::CoordinatorClient;
+use encore_coordinator::queue::{COORDINATOR_QUEUE_URI, open_queue};
 use encore_proto::v1::cluster_service_client::ClusterServiceClient;
 use encore_proto::v1::job_service_client::JobServiceClient;
 use encore_proto::v1::{
     GetAssignmentRequest, GetJobRequest, HeartbeatRequest, JobState, MetricPoint,
     ReportProgressRequest, WatchJobRequest, job_event,
 };
+use encore_store::{AppendOutcome, EntryId, Queue};
 use encore_testkit::{RedisServer, free_port};
 use support::*;
 use tokio_stream::StreamExt;
@@ -80,12 +86,11 @@ impl Drop for Process {
     }
 }
 
-#[tokio::test]
-async fn a_coordinator_killed_mid_job_carries_on_after_a_restart() {
-    let redis = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
+/// Writes a config file for the coordinator binary on `store`, on a free
+/// port (returned), with files under `dir`.
+fn config_file(dir: &Path, store: &str) -> (PathBuf, u16) {
     let port = free_port();
-    let config = dir.path().join("coordinator.toml");
+    let config = dir.join("coordinator.toml");
     std::fs::write(
         &config,
         format!(
@@ -94,12 +99,19 @@ async fn a_coordinator_killed_mid_job_carries_on_after_a_restart() {
              lease_ttl_ms = 30000\n\n[coordinator.auth]\n\
              client_tokens = [\"alice:{ALICE}\"]\nworker_token = \"{WORKER}\"\n",
             admin = free_port(),
-            store = redis.url(),
-            blobs = dir.path().join("blobs").display(),
-            ckpt = dir.path().join("ckpt").display(),
+            blobs = dir.join("blobs").display(),
+            ckpt = dir.join("ckpt").display(),
         ),
     )
     .unwrap();
+    (config, port)
+}
+
+#[tokio::test]
+async fn a_coordinator_killed_mid_job_carries_on_after_a_restart() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, port) = config_file(dir.path(), &redis.url());
 
     let first = Process::start(&config, port).await;
     let mut jobs = JobServiceClient::with_interceptor(channel(&first.url).await, bearer(ALICE));
@@ -212,5 +224,89 @@ async fn a_coordinator_killed_mid_job_carries_on_after_a_restart() {
         }
     }
     assert_eq!(steps, [1, 2, 3]);
+    second.kill();
+}
+
+/// On `embedded://` the workers reach the queue through the coordinator's
+/// RolloutQueueService. A learner has read entries and not yet
+/// acknowledged them (its checkpoint is still to come) when the
+/// coordinator is SIGKILLed; the restarted coordinator must not hand those
+/// entries out again (the learner would train on them twice), must count
+/// the learner's acknowledgements of them, and must still give a crashed
+/// rank's entries to a claim. Every entry appended is read exactly once
+/// and then acknowledged: produced = consumed + queued.
+#[tokio::test]
+async fn on_the_embedded_store_a_restart_keeps_what_a_learner_holds() {
+    const GROUP: &str = "learners";
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("embedded://{}", dir.path().join("state").display());
+    let (config, port) = config_file(dir.path(), &store);
+    let queue_of = |url: &str| {
+        let client = CoordinatorClient::new(url, WORKER, None).unwrap();
+        async move { open_queue(COORDINATOR_QUEUE_URI, &client).await.unwrap() }
+    };
+
+    let first = Process::start(&config, port).await;
+    let queue = queue_of(&first.url).await;
+    let mut produced = Vec::new();
+    for i in 0..6u8 {
+        match queue.append("job-1", vec![i], 100).await.unwrap() {
+            AppendOutcome::Appended(id) => produced.push(id),
+            full => panic!("{full:?}"),
+        }
+    }
+    let read = |queue: Arc<dyn Queue>, consumer: &'static str, count| async move {
+        let entries = queue
+            .read("job-1", GROUP, consumer, count, Duration::ZERO)
+            .await
+            .unwrap();
+        entries.iter().map(|e| e.id).collect::<Vec<EntryId>>()
+    };
+    // Rank 0 holds three (trained on, not yet checkpointed); rank 1 holds
+    // one and will not come back.
+    let held = read(queue.clone(), "rank-0", 3).await;
+    let lost_rank = read(queue.clone(), "rank-1", 1).await;
+    assert_eq!(held, produced[..3]);
+    assert_eq!(lost_rank, produced[3..4]);
+    drop(queue);
+    first.kill();
+
+    let second = Process::start(&config, port).await;
+    let queue = queue_of(&second.url).await;
+    // Rank 0 reads on: only what nobody has read yet.
+    let fresh = read(queue.clone(), "rank-0", 10).await;
+    assert_eq!(
+        fresh,
+        produced[4..],
+        "entries rank 0 already holds came back"
+    );
+    assert_eq!(queue.pending("job-1", GROUP).await.unwrap(), 6);
+    // Its checkpoint written, it acknowledges everything it trained on,
+    // and every one of them counts.
+    let trained: Vec<EntryId> = held.iter().chain(&fresh).copied().collect();
+    assert_eq!(
+        queue.ack("job-1", GROUP, &trained).await.unwrap(),
+        trained.len() as u64
+    );
+    // Rank 1's successor claims what rank 1 held.
+    let claimed: Vec<EntryId> = queue
+        .claim_stale("job-1", GROUP, "rank-1b", Duration::ZERO, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(claimed, lost_rank);
+    assert_eq!(queue.ack("job-1", GROUP, &claimed).await.unwrap(), 1);
+
+    let mut consumed: Vec<EntryId> = trained.into_iter().chain(claimed).collect();
+    consumed.sort();
+    let queued = queue.len("job-1").await.unwrap();
+    assert_eq!(
+        (consumed, queued),
+        (produced, 0),
+        "each entry consumed once"
+    );
+    drop(queue);
     second.kill();
 }

@@ -29,8 +29,10 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 use encore_policies::AnyTrainable;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::LearnerError;
+use crate::collective::{Collective, all_gather};
 use crate::normalize::RewardNormalizer;
 use crate::optim::{AdamW, named_vars};
 
@@ -232,6 +234,68 @@ pub fn load(
         var.set(&t)?;
     }
     Ok(ckpt)
+}
+
+/// SHA-256 (hex) of the policy's weights: each parameter by name, in name
+/// order, with its shape and its values as little-endian f32. Two ranks
+/// with equal hashes hold the same weights.
+pub fn weights_sha256(policy: &AnyTrainable) -> Result<String, LearnerError> {
+    let mut tensors = policy.named_tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut hasher = Sha256::new();
+    for (name, tensor) in tensors {
+        hasher.update((name.len() as u64).to_le_bytes());
+        hasher.update(name.as_bytes());
+        hasher.update((tensor.rank() as u64).to_le_bytes());
+        for dim in tensor.dims() {
+            hasher.update((*dim as u64).to_le_bytes());
+        }
+        let values = tensor
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        for value in values {
+            hasher.update(value.to_le_bytes());
+        }
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Checks that every rank starts (or resumes) at rank 0's step with rank
+/// 0's weights (`weights`: [`weights_sha256`]). Each rank finds its
+/// checkpoint on its own, and one that found another (a checkpoint
+/// directory that is not shared, a copy behind) would train diverged
+/// weights with the others' gradients. Every rank learns every rank's
+/// values, so all of them refuse together, each with an error naming rank
+/// 0's values and the first rank that differs.
+pub fn agree_on_start(
+    collective: &mut dyn Collective,
+    step: u64,
+    weights: &str,
+) -> Result<(), LearnerError> {
+    let mine = format!("{step} {weights}");
+    let all = all_gather(collective, mine.as_bytes())?;
+    let describe = |bytes: &[u8]| {
+        let text = String::from_utf8_lossy(bytes);
+        match text.split_once(' ') {
+            Some((step, hash)) => format!("step {step} with weights sha256 {hash}"),
+            None => format!("{text:?}"),
+        }
+    };
+    let Some((first, others)) = all.split_first() else {
+        return Ok(());
+    };
+    match others.iter().position(|theirs| theirs != first) {
+        None => Ok(()),
+        Some(i) => Err(LearnerError::StateMismatch(format!(
+            "learner ranks start from different states: rank 0 from {}, rank {} from {}; \
+             every rank must resume from the same checkpoint (share the checkpoint \
+             directory between the ranks)",
+            describe(first),
+            i + 1,
+            describe(&others[i]),
+        ))),
+    }
 }
 
 /// `step-<N>` directories under `root`, sorted by N. A missing root has

@@ -42,7 +42,7 @@ use prost::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{self, LearnerCheckpoint};
-use crate::collective::{Collective, CollectiveConfig, connect};
+use crate::collective::{Collective, CollectiveConfig, all_gather, connect};
 use crate::config::Config;
 use crate::error::LearnerError;
 use crate::loss::{Algorithm, LossConfig};
@@ -300,6 +300,18 @@ impl Learner {
                 .await
                 .map_err(|e| LearnerError::Config(format!("loading the model: {e}")))??
         };
+        // Every rank found its checkpoint on its own: refuse to train
+        // unless all of them stand where rank 0 does.
+        let step = state.step;
+        let (back, agreed) = tokio::task::spawn_blocking(move || {
+            let agreed = checkpoint::weights_sha256(&trainer.policy)
+                .and_then(|hash| checkpoint::agree_on_start(collective.as_mut(), step, &hash));
+            ((trainer, collective), agreed)
+        })
+        .await
+        .map_err(|e| LearnerError::Config(format!("comparing start states panicked: {e}")))?;
+        (trainer, collective) = back;
+        agreed?;
         // Wall-time limits count from these (kept in the checkpoint, so a
         // resumed rank counts from the job's start, not its own).
         let started_ms = unix_ms();
@@ -395,7 +407,20 @@ impl Learner {
                         }
                     }
                 };
+                if pending.contains(&entry.id) {
+                    // Read twice since the checkpoint (a queue that lost
+                    // its delivery state): consumed once, so neither
+                    // trained on nor counted again.
+                    tracing::warn!(job_id, id = %entry.id,
+                        "the queue delivered an entry this rank already holds; skipping it");
+                    continue;
+                }
                 pending.push(entry.id);
+                if state.trained_unacknowledged.contains(&entry.id.to_string()) {
+                    tracing::warn!(job_id, id = %entry.id,
+                        "the queue delivered an entry the checkpoint trained on; skipping it");
+                    continue;
+                }
                 match usable(
                     &entry,
                     &stage.name,
@@ -535,7 +560,17 @@ impl Learner {
                 .map_err(|e| LearnerError::Config(format!("barrier panicked: {e}")))?;
                 collective = back;
                 barrier?;
-                store.ack(job_id, GROUP, &pending).await?;
+                let acknowledged = store.ack(job_id, GROUP, &pending).await?;
+                if acknowledged < pending.len() as u64 {
+                    // Not pending for the group any more: acknowledged
+                    // already, or handed to another consumer.
+                    tracing::warn!(
+                        job_id,
+                        acknowledged,
+                        read = pending.len(),
+                        "the queue acknowledged fewer entries than this rank read"
+                    );
+                }
                 pending.clear();
                 self.metrics
                     .phase(job_id, Phase::Checkpoint, checkpoint_started.elapsed());
@@ -843,17 +878,14 @@ fn build_trainer(
     ))
 }
 
-/// Every rank's `mine`, in rank order, on every rank (one broadcast per
-/// rank; the lists are short: the entries of one checkpoint interval).
+/// Every rank's `mine`, in rank order, on every rank (the lists are short:
+/// the entries of one checkpoint interval).
 fn gather(collective: &mut dyn Collective, mine: &[String]) -> Result<Vec<String>, LearnerError> {
     let mut all = Vec::new();
-    for root in 0..collective.world_size() {
-        let mut bytes = if root == collective.rank() {
-            mine.join("\n").into_bytes()
-        } else {
-            Vec::new()
-        };
-        collective.broadcast(&mut bytes, root)?;
+    for (root, bytes) in all_gather(collective, mine.join("\n").as_bytes())?
+        .into_iter()
+        .enumerate()
+    {
         let text = String::from_utf8(bytes).map_err(|_| {
             LearnerError::StateMismatch(format!("rank {root} sent non-UTF-8 entry ids"))
         })?;

@@ -1,18 +1,21 @@
 //! Two learner ranks on the CPU ring take the same step as one rank on the
 //! same global batch: same reward statistics, advantages, loss, gradient
-//! and AdamW update, so the weights agree to float summation order.
+//! and AdamW update, so the weights agree to float summation order. Ranks
+//! that would start from different states refuse to train.
 
 use std::collections::HashMap;
 use std::net::TcpListener;
+use std::path::Path;
 use std::time::Duration;
 
 use candle_core::Device;
 use candle_nn::ParamsAdamW;
+use encore_learner::checkpoint::{self, LearnerCheckpoint};
 use encore_learner::collective::{CollectiveConfig, connect};
 use encore_learner::loss::{Algorithm, LossConfig};
 use encore_learner::normalize::{Normalization, NormalizationKind, RewardSpec};
 use encore_learner::optim::named_vars;
-use encore_learner::{AdamW, RewardNormalizer, StepReport, Trainer};
+use encore_learner::{AdamW, LearnerError, RewardNormalizer, StepReport, Trainer};
 use encore_model::{Preset, SamplingParams, TrainablePolicy};
 use encore_proto::v1::{CollectiveBackend, Prompt, Rollout, Score};
 use rand::{Rng, SeedableRng};
@@ -202,10 +205,11 @@ fn relative_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
     (diff / norm).sqrt()
 }
 
-#[test]
-fn two_ranks_take_the_step_one_rank_takes_on_the_global_batch() {
-    let (single, single_reports) = run_rank(0, 1, vec!["127.0.0.1:1".into()], None);
-
+/// Runs `rank_body(rank, peers, listener)` for ranks 0 and 1 of a ring on
+/// loopback, each on a thread; returns their results in rank order.
+fn on_two_ranks<T: Send + 'static>(
+    rank_body: impl Fn(usize, Vec<String>, TcpListener) -> T + Send + Sync + 'static,
+) -> Vec<T> {
     let listeners: Vec<TcpListener> = (0..2)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
@@ -213,15 +217,23 @@ fn two_ranks_take_the_step_one_rank_takes_on_the_global_batch() {
         .iter()
         .map(|l| l.local_addr().unwrap().to_string())
         .collect();
+    let rank_body = std::sync::Arc::new(rank_body);
     let handles: Vec<_> = listeners
         .into_iter()
         .enumerate()
         .map(|(rank, listener)| {
-            let peers = peers.clone();
-            std::thread::spawn(move || run_rank(rank, 2, peers, Some(listener)))
+            let (peers, rank_body) = (peers.clone(), rank_body.clone());
+            std::thread::spawn(move || rank_body(rank, peers, listener))
         })
         .collect();
-    let ranks: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn two_ranks_take_the_step_one_rank_takes_on_the_global_batch() {
+    let (single, single_reports) = run_rank(0, 1, vec!["127.0.0.1:1".into()], None);
+
+    let ranks = on_two_ranks(|rank, peers, listener| run_rank(rank, 2, peers, Some(listener)));
 
     // The ranks agree exactly with each other...
     assert_eq!(ranks[0].0, ranks[1].0, "ranks hold identical weights");
@@ -328,4 +340,101 @@ fn one_nccl_rank_takes_the_step_of_one_plain_rank() {
     let (on_gpu, gpu_reports) = run_on(&nccl, None);
     assert_eq!(on_gpu, plain, "identical weights");
     assert_eq!(gpu_reports, plain_reports, "identical statistics");
+}
+
+/// Rank `rank` of two resumes the way a learner rank does, from the latest
+/// checkpoint under `root` (if any, else the fresh weights at step 0), and
+/// compares its start with the other rank's. Returns its step and weight
+/// hash, and the verdict.
+fn resume_and_agree(
+    rank: usize,
+    peers: Vec<String>,
+    listener: TcpListener,
+    root: &Path,
+) -> (u64, String, Result<(), LearnerError>) {
+    let mut collective = connect(&config(rank, 2, peers), Some(listener)).unwrap();
+    let mut trainer = trainer();
+    let step = match checkpoint::latest(root).unwrap() {
+        Some((dir, _)) => {
+            checkpoint::load(&dir, &trainer.policy, &mut trainer.optimizer)
+                .unwrap()
+                .step
+        }
+        None => 0,
+    };
+    let hash = checkpoint::weights_sha256(&trainer.policy).unwrap();
+    let verdict = checkpoint::agree_on_start(collective.as_mut(), step, &hash);
+    (step, hash, verdict)
+}
+
+/// Both ranks' results of [`resume_and_agree`] on `roots`.
+fn two_ranks_resume(roots: [&Path; 2]) -> [(u64, String, Result<(), LearnerError>); 2] {
+    let roots = roots.map(Path::to_owned);
+    let mut results = on_two_ranks(move |rank, peers, listener| {
+        resume_and_agree(rank, peers, listener, &roots[rank])
+    })
+    .into_iter();
+    [results.next().unwrap(), results.next().unwrap()]
+}
+
+/// Saves `trainer` as the checkpoint of `step` under `root`.
+fn save(root: &Path, step: u64, trainer: &Trainer) {
+    let state = LearnerCheckpoint {
+        step,
+        ..LearnerCheckpoint::default()
+    };
+    checkpoint::save(root, &state, &trainer.policy, &trainer.optimizer, 2).unwrap();
+}
+
+#[test]
+fn ranks_that_resume_from_different_checkpoints_refuse_to_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, empty, other) = (
+        dir.path().join("shared"),
+        dir.path().join("empty"),
+        dir.path().join("other"),
+    );
+    // Rank 0's checkpoint of step 2: weights one step away from the base.
+    let mut trained = trainer();
+    let mut alone = connect(&config(0, 1, vec!["127.0.0.1:1".into()]), None).unwrap();
+    let global = batch(
+        &TrainablePolicy::fresh(&Preset::Tiny.config(), &Device::Cpu, 1).unwrap(),
+        0,
+    );
+    trained
+        .step(
+            "R",
+            &specs(),
+            &global,
+            K,
+            &Default::default(),
+            alone.as_mut(),
+        )
+        .unwrap();
+    save(&shared, 2, &trained);
+    // Another checkpoint of the same step with other (the base's) weights.
+    save(&other, 2, &trainer());
+
+    // One checkpoint directory for both: they agree.
+    let [(step0, hash0, ok0), (step1, hash1, ok1)] = two_ranks_resume([&shared, &shared]);
+    assert_eq!((step0, &hash0), (step1, &hash1));
+    assert_eq!(step0, 2);
+    ok0.unwrap();
+    ok1.unwrap();
+
+    // Rank 1 found no checkpoint, or one of the same step with other
+    // weights: both ranks refuse, naming both starts.
+    for (what, root1, step1) in [("no checkpoint", &empty, 0), ("other weights", &other, 2)] {
+        let [(_, a, verdict0), (s1, b, verdict1)] = two_ranks_resume([&shared, root1]);
+        assert_eq!((a.as_str(), s1), (hash0.as_str(), step1), "{what}");
+        assert_ne!(a, b, "{what}");
+        for verdict in [verdict0, verdict1] {
+            let err = verdict.expect_err(what).to_string();
+            assert!(
+                err.contains(&format!("rank 0 from step 2 with weights sha256 {a}"))
+                    && err.contains(&format!("rank 1 from step {step1} with weights sha256 {b}")),
+                "{what}: {err}"
+            );
+        }
+    }
 }

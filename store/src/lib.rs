@@ -286,7 +286,10 @@ pub trait Store: Send + Sync + Debug {
 
     /// Acknowledges entries delivered to `group`: they leave the queue for
     /// good (and stop counting towards its length). Returns how many were
-    /// pending; unknown or already acknowledged ids are skipped.
+    /// pending; unknown or already acknowledged ids are skipped, so a
+    /// caller that must know compares the count with its ids. Deliveries
+    /// are durable on both backends (a restart of the store's process
+    /// keeps them pending), so a consumer's own ids are never unknown.
     async fn queue_ack(&self, job_id: &str, group: &str, ids: &[EntryId]) -> Result<u64>;
 
     /// Moves up to `count` entries that have been pending in `group` for at

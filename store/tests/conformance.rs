@@ -1162,9 +1162,8 @@ async fn a_restart_loses_no_unacked_entry(mut h: Harness) {
     assert_eq!(store.queue_len("j1").await.unwrap(), 5);
 
     // Whatever a restarted learner gets by claiming the stale entries and
-    // then reading is exactly the five unacknowledged ones, each once (the
-    // embedded store delivers them again to readers, Redis keeps them
-    // pending for a claim).
+    // then reading is exactly the five unacknowledged ones, each once (both
+    // backends keep the delivered ones pending for a claim).
     let mut recovered: Vec<QueueEntry> = store
         .queue_claim_stale("j1", GROUP, "a2", Duration::ZERO, 100)
         .await

@@ -1,7 +1,6 @@
 //! What only the embedded backend has: its files. Recovery from a crash in
 //! the middle of a write, refusal of damaged or shared directories,
-//! compaction, and the re-delivery of unacknowledged queue entries to plain
-//! reads after a restart.
+//! compaction, and the queues' consumer groups kept across a restart.
 
 mod support;
 
@@ -122,29 +121,58 @@ async fn the_log_is_compacted_into_snapshots_as_it_grows() {
 }
 
 #[tokio::test]
-async fn after_a_restart_plain_reads_deliver_every_unacknowledged_entry_again() {
+async fn deliveries_survive_a_restart_from_the_log_and_from_the_snapshot() {
     let dir = tempfile::tempdir().unwrap();
+    let (held, others);
     {
         let store = open(dir.path(), EmbeddedOptions::default()).unwrap();
-        for i in 0..4u8 {
+        for i in 0..5u8 {
             let _ = store.queue_append("j1", vec![i], 10).await.unwrap();
         }
         let taken = store
-            .queue_read("j1", "g", "learner", 4, Duration::ZERO)
+            .queue_read("j1", "g", "learner", 3, Duration::ZERO)
             .await
             .unwrap();
         assert_eq!(store.queue_ack("j1", "g", &[taken[0].id]).await.unwrap(), 1);
+        held = [taken[1].id, taken[2].id];
+        others = store
+            .queue_read("j1", "g", "other", 10, Duration::ZERO)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect::<Vec<_>>();
+        // `other` hands its entries back to nobody: they stay pending.
+        assert_eq!(others.len(), 2);
     }
-    // Every consumer of an embedded store died with it, so nothing waits
-    // for a claim: the three unacknowledged entries are simply new again.
+    // The first reopen replays the log; the second reads the snapshot the
+    // first one wrote (and an empty log).
+    for reopen in ["log", "snapshot"] {
+        let store = open(dir.path(), EmbeddedOptions::default()).unwrap();
+        assert_eq!(store.queue_pending("j1", "g").await.unwrap(), 4, "{reopen}");
+        // A consumer that lived through the restart is not handed what it
+        // (or another) already holds: nothing is delivered twice.
+        let again = store
+            .queue_read("j1", "g", "learner", 10, Duration::ZERO)
+            .await
+            .unwrap();
+        assert!(again.is_empty(), "{reopen}: {again:?}");
+    }
     let store = open(dir.path(), EmbeddedOptions::default()).unwrap();
-    assert_eq!(store.queue_pending("j1", "g").await.unwrap(), 0);
-    let again = store
-        .queue_read("j1", "g", "learner", 10, Duration::ZERO)
+    // Its acknowledgements still count, and a claim finds the others.
+    assert_eq!(store.queue_ack("j1", "g", &held).await.unwrap(), 2);
+    let claimed = store
+        .queue_claim_stale("j1", "g", "learner-2", Duration::ZERO, 10)
         .await
         .unwrap();
-    let payloads: Vec<Vec<u8>> = again.into_iter().map(|e| e.payload).collect();
-    assert_eq!(payloads, [vec![1], vec![2], vec![3]]);
+    let claimed: Vec<_> = claimed.iter().map(|e| e.id).collect();
+    assert_eq!(claimed, others);
+    drop(store);
+    // The claim moved them to learner-2, durably.
+    let store = open(dir.path(), EmbeddedOptions::default()).unwrap();
+    assert_eq!(store.queue_pending("j1", "g").await.unwrap(), 2);
+    assert_eq!(store.queue_ack("j1", "g", &others).await.unwrap(), 2);
+    assert_eq!(store.queue_len("j1").await.unwrap(), 0);
 }
 
 #[tokio::test]

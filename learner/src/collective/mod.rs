@@ -91,6 +91,25 @@ pub trait Collective: Send {
     fn barrier(&mut self) -> Result<(), CollectiveError>;
 }
 
+/// Every rank's `mine`, in rank order, on every rank: one broadcast per
+/// rank, for small messages (entry ids, a step and a weight hash).
+pub fn all_gather(
+    collective: &mut dyn Collective,
+    mine: &[u8],
+) -> Result<Vec<Vec<u8>>, CollectiveError> {
+    (0..collective.world_size())
+        .map(|root| {
+            let mut bytes = if root == collective.rank() {
+                mine.to_vec()
+            } else {
+                Vec::new()
+            };
+            collective.broadcast(&mut bytes, root)?;
+            Ok(bytes)
+        })
+        .collect()
+}
+
 /// Why a collective operation or the forming of a group failed.
 ///
 /// After any error other than [`CollectiveError::Config`] the collective is

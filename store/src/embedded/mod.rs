@@ -38,9 +38,9 @@ pub use self::log::Durability;
 use self::log::{Ack, LogWriter};
 use self::records::{
     Batch, ClipRow, EventRow, ManifestKey, ManifestRow, MemberKey, Op, PinRow, PreferenceRow,
-    QueueAckRow, QueueRow, op::Kind,
+    QueueAckRow, QueueDeliverRow, QueueRow, op::Kind,
 };
-use self::state::{Delivery, JobEntry, MemberEntry, State};
+use self::state::{JobEntry, MemberEntry, State};
 use crate::Store;
 use crate::clock::{Clock, from_millis, millis};
 use crate::error::{Result, StoreError};
@@ -240,31 +240,43 @@ impl EmbeddedStore {
             let mut shared = self.lock()?;
             let now_ms = millis(self.clock.now());
             let (value, ops) = f(&shared.state, now_ms)?;
-            if ops.is_empty() {
-                return Ok(value);
-            }
-            shared.lsn += 1;
-            let batch = Batch {
-                lsn: shared.lsn,
-                ops,
-            };
-            let bytes = batch.encode_to_vec();
-            shared.wal_bytes += bytes.len() as u64;
-            let mut acks = vec![self.writer.append(bytes)];
-            for op in batch.ops {
-                shared.state.apply(op);
-            }
-            if shared.wal_bytes >= self.options.compact_after_bytes {
-                let snapshot = shared.state.dump(shared.lsn, now_ms).encode_to_vec();
-                acks.push(self.writer.snapshot(snapshot));
-                shared.wal_bytes = 0;
-            }
-            (value, acks)
+            (value, self.log(&mut shared, ops, now_ms))
         };
+        self.wait_all_durable(acks).await?;
+        Ok(value)
+    }
+
+    /// Under the state lock: hands `ops` (if any) to the log writer as one
+    /// record, applies them, and queues a snapshot when the log has grown
+    /// enough. The returned acks resolve once all of it is durable.
+    fn log(&self, shared: &mut Shared, ops: Vec<Op>, now_ms: u64) -> Vec<Ack> {
+        if ops.is_empty() {
+            return Vec::new();
+        }
+        shared.lsn += 1;
+        let batch = Batch {
+            lsn: shared.lsn,
+            ops,
+        };
+        let bytes = batch.encode_to_vec();
+        shared.wal_bytes += bytes.len() as u64;
+        let mut acks = vec![self.writer.append(bytes)];
+        for op in batch.ops {
+            shared.state.apply(op);
+        }
+        if shared.wal_bytes >= self.options.compact_after_bytes {
+            let snapshot = shared.state.dump(shared.lsn, now_ms).encode_to_vec();
+            acks.push(self.writer.snapshot(snapshot));
+            shared.wal_bytes = 0;
+        }
+        acks
+    }
+
+    async fn wait_all_durable(&self, acks: Vec<Ack>) -> Result<()> {
         for ack in acks {
             self.wait_durable(ack).await?;
         }
-        Ok(value)
+        Ok(())
     }
 
     async fn wait_durable(&self, ack: Ack) -> Result<()> {
@@ -301,6 +313,24 @@ impl EmbeddedStore {
             let _ = tokio::time::timeout_at(deadline, notified).await;
         }
     }
+}
+
+/// The op that makes `ids` pending with `consumer` of `group` since
+/// `now_ms` (none if there are no ids).
+fn deliver_ops(job_id: &str, group: &str, consumer: &str, now_ms: u64, ids: &[EntryId]) -> Vec<Op> {
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    vec![op(Kind::QueueDeliver(QueueDeliverRow {
+        job_id: job_id.to_owned(),
+        group: group.to_owned(),
+        consumer: consumer.to_owned(),
+        delivered_ms: now_ms,
+        id_ms: ids.iter().map(|id| id.ms).collect(),
+        id_seq: ids.iter().map(|id| id.seq).collect(),
+        last_delivered_ms: 0,
+        last_delivered_seq: 0,
+    }))]
 }
 
 fn job_exists(state: &State, job_id: &str) -> Result<()> {
@@ -884,35 +914,38 @@ impl Store for EmbeddedStore {
     ) -> Result<Vec<QueueEntry>> {
         validate_queue_args(group, consumer, count)?;
         let notify = self.queue_waiters.get(job_id);
-        self.wait_for(notify, block, || {
-            let mut shared = self.lock()?;
-            let now_ms = millis(self.clock.now());
-            let queue = shared.state.queues.entry(job_id.to_owned()).or_default();
-            // Delivery bookkeeping is memory-only (see the state module).
-            let group = queue.groups.entry(group.to_owned()).or_default();
-            let after = (Bound::Excluded(group.last_delivered), Bound::Unbounded);
-            let picked: Vec<QueueEntry> = queue
-                .entries
-                .range(after)
-                .take(count)
-                .map(|(id, payload)| QueueEntry {
-                    id: *id,
-                    payload: payload.clone(),
-                })
-                .collect();
-            for entry in &picked {
-                group.last_delivered = entry.id;
-                group.pending.insert(
-                    entry.id,
-                    Delivery {
-                        consumer: consumer.to_owned(),
-                        delivered_ms: now_ms,
-                    },
-                );
-            }
-            Ok(picked)
-        })
-        .await
+        // The delivery is logged like any change (a learner outlives a
+        // restart of the coordinator serving it this queue); its record is
+        // queued under the lock, and the read answers once it is durable.
+        let mut acks = Vec::new();
+        let picked = self
+            .wait_for(notify, block, || {
+                let mut shared = self.lock()?;
+                let now_ms = millis(self.clock.now());
+                let Some(queue) = shared.state.queues.get(job_id) else {
+                    return Ok(Vec::new());
+                };
+                let after = queue
+                    .groups
+                    .get(group)
+                    .map_or(EntryId::default(), |g| g.last_delivered);
+                let picked: Vec<QueueEntry> = queue
+                    .entries
+                    .range((Bound::Excluded(after), Bound::Unbounded))
+                    .take(count)
+                    .map(|(id, payload)| QueueEntry {
+                        id: *id,
+                        payload: payload.clone(),
+                    })
+                    .collect();
+                let ids: Vec<EntryId> = picked.iter().map(|e| e.id).collect();
+                let ops = deliver_ops(job_id, group, consumer, now_ms, &ids);
+                acks.extend(self.log(&mut shared, ops, now_ms));
+                Ok(picked)
+            })
+            .await?;
+        self.wait_all_durable(acks).await?;
+        Ok(picked)
     }
 
     async fn queue_ack(&self, job_id: &str, group: &str, ids: &[EntryId]) -> Result<u64> {
@@ -952,39 +985,30 @@ impl Store for EmbeddedStore {
         count: usize,
     ) -> Result<Vec<QueueEntry>> {
         validate_queue_args(group, consumer, count)?;
-        let mut shared = self.lock()?;
-        let now_ms = millis(self.clock.now());
         let min_idle_ms = ttl_millis(min_idle);
-        let Some(queue) = shared.state.queues.get_mut(job_id) else {
-            return Ok(Vec::new());
-        };
-        let Some(group) = queue.groups.get_mut(group) else {
-            return Ok(Vec::new());
-        };
-        let mut claimed = Vec::new();
-        let mut gone = Vec::new();
-        for (id, delivery) in group.pending.iter_mut() {
-            if claimed.len() == count {
-                break;
-            }
-            if now_ms.saturating_sub(delivery.delivered_ms) < min_idle_ms {
-                continue;
-            }
-            let Some(payload) = queue.entries.get(id) else {
-                gone.push(*id);
-                continue;
+        self.commit(|state, now_ms| {
+            let Some(queue) = state.queues.get(job_id) else {
+                return Ok((Vec::new(), Vec::new()));
             };
-            delivery.consumer = consumer.to_owned();
-            delivery.delivered_ms = now_ms;
-            claimed.push(QueueEntry {
-                id: *id,
-                payload: payload.clone(),
-            });
-        }
-        for id in gone {
-            group.pending.remove(&id);
-        }
-        Ok(claimed)
+            let Some(pending) = queue.groups.get(group).map(|g| &g.pending) else {
+                return Ok((Vec::new(), Vec::new()));
+            };
+            let claimed: Vec<QueueEntry> = pending
+                .iter()
+                .filter(|(_, d)| now_ms.saturating_sub(d.delivered_ms) >= min_idle_ms)
+                .filter_map(|(id, _)| {
+                    queue.entries.get(id).map(|payload| QueueEntry {
+                        id: *id,
+                        payload: payload.clone(),
+                    })
+                })
+                .take(count)
+                .collect();
+            let ids: Vec<EntryId> = claimed.iter().map(|e| e.id).collect();
+            let ops = deliver_ops(job_id, group, consumer, now_ms, &ids);
+            Ok((claimed, ops))
+        })
+        .await
     }
 
     async fn queue_len(&self, job_id: &str) -> Result<u64> {

@@ -33,7 +33,7 @@ pub(crate) struct Op {
     /// by a newer version).
     #[prost(
         oneof = "op::Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15"
     )]
     pub kind: Option<op::Kind>,
 }
@@ -87,6 +87,10 @@ pub(crate) mod op {
         /// A clip was kept for comparison.
         #[prost(message, tag = "14")]
         PutClip(super::ClipRow),
+        /// Entries of a queue were delivered to a consumer of a group, or
+        /// claimed by one; or (without ids) how far a group has read.
+        #[prost(message, tag = "15")]
+        QueueDeliver(super::QueueDeliverRow),
     }
 }
 
@@ -218,6 +222,38 @@ pub(crate) struct QueueAckRow {
     /// Entry ids, sequence parts (same length as `id_ms`).
     #[prost(uint64, repeated, tag = "3")]
     pub id_seq: Vec<u64>,
+}
+
+/// Entries delivered to (or claimed by) one consumer of a queue's group,
+/// and how far the group has read: the consumer-group state a restarted
+/// store must keep, as Redis keeps a stream's pending entries list.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct QueueDeliverRow {
+    /// The job whose queue it is.
+    #[prost(string, tag = "1")]
+    pub job_id: String,
+    /// The consumer group.
+    #[prost(string, tag = "2")]
+    pub group: String,
+    /// The consumer now holding the entries.
+    #[prost(string, tag = "3")]
+    pub consumer: String,
+    /// When they were delivered, milliseconds since the Unix epoch.
+    #[prost(uint64, tag = "4")]
+    pub delivered_ms: u64,
+    /// Entry ids, milliseconds parts.
+    #[prost(uint64, repeated, tag = "5")]
+    pub id_ms: Vec<u64>,
+    /// Entry ids, sequence parts (same length as `id_ms`).
+    #[prost(uint64, repeated, tag = "6")]
+    pub id_seq: Vec<u64>,
+    /// The group has read every entry up to this id (milliseconds part);
+    /// it never moves back.
+    #[prost(uint64, tag = "7")]
+    pub last_delivered_ms: u64,
+    /// The same id's sequence part.
+    #[prost(uint64, tag = "8")]
+    pub last_delivered_seq: u64,
 }
 
 /// A stored preference record.

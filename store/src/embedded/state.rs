@@ -5,10 +5,10 @@
 //! ops for a snapshot.
 //!
 //! Consumer-group bookkeeping of the rollout queues (which entry was
-//! delivered to which consumer, and when) is the one thing kept in memory
-//! only: every consumer of an embedded store lives in the same process, so
-//! after a restart none holds anything, and every unacknowledged entry is
-//! delivered again (see `docs/store.md`).
+//! delivered to which consumer, and when) is durable too: a coordinator
+//! serves its embedded store's queue to learner processes that outlive it,
+//! and a learner still holds what it read when the coordinator restarts
+//! (see `docs/store.md`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -16,7 +16,7 @@ use encore_proto::v1::{Job, JobEvent, MemberStatus, WeightManifest, job_event};
 
 use super::records::{
     Batch, ClipRow, EventRow, JobRow, ManifestKey, ManifestRow, MemberKey, MemberRow, Op, PinRow,
-    PreferenceRow, QueueAckRow, QueueRow, op::Kind,
+    PreferenceRow, QueueAckRow, QueueDeliverRow, QueueRow, op::Kind,
 };
 use crate::types::{EntryId, Member};
 
@@ -95,7 +95,7 @@ pub(crate) struct Delivery {
     pub delivered_ms: u64,
 }
 
-/// A consumer group of a queue (memory only).
+/// A consumer group of a queue.
 #[derive(Debug, Default)]
 pub(crate) struct Group {
     /// Entries up to this id were delivered to some consumer.
@@ -111,8 +111,33 @@ pub(crate) struct Queue {
     pub entries: BTreeMap<EntryId, Vec<u8>>,
     /// Last id handed out.
     pub last_id: EntryId,
-    /// Consumer groups (memory only).
+    /// Consumer groups.
     pub groups: HashMap<String, Group>,
+}
+
+/// The rows that rebuild `group`: its read position, then its pending
+/// entries, one row per consumer and delivery time.
+fn group_rows(job_id: &str, name: &str, group: &Group) -> Vec<QueueDeliverRow> {
+    let row = |consumer: &str, delivered_ms| QueueDeliverRow {
+        job_id: job_id.to_owned(),
+        group: name.to_owned(),
+        consumer: consumer.to_owned(),
+        delivered_ms,
+        last_delivered_ms: group.last_delivered.ms,
+        last_delivered_seq: group.last_delivered.seq,
+        ..QueueDeliverRow::default()
+    };
+    let mut by_holder: BTreeMap<(&str, u64), QueueDeliverRow> = BTreeMap::new();
+    for (id, delivery) in &group.pending {
+        let held = by_holder
+            .entry((&delivery.consumer, delivery.delivered_ms))
+            .or_insert_with(|| row(&delivery.consumer, delivery.delivered_ms));
+        held.id_ms.push(id.ms);
+        held.id_seq.push(id.seq);
+    }
+    std::iter::once(row("", 0))
+        .chain(by_holder.into_values())
+        .collect()
 }
 
 /// Everything an embedded store holds.
@@ -286,6 +311,7 @@ impl State {
                     seq: id_seq,
                 });
             }
+            Kind::QueueDeliver(row) => self.deliver(row),
             Kind::PutPreference(row) => {
                 self.preference_keys
                     .insert((row.rater.clone(), row.key.clone()), row.seq);
@@ -297,6 +323,31 @@ impl State {
                 expires_ms,
             }) => {
                 self.clips.insert(clip_id, (payload, expires_ms));
+            }
+        }
+    }
+
+    /// Records a delivery (or a claim): the entries still in the queue are
+    /// pending with the row's consumer, and the group's read position moves
+    /// up to the row's (never back).
+    fn deliver(&mut self, row: QueueDeliverRow) {
+        let queue = self.queues.entry(row.job_id).or_default();
+        let group = queue.groups.entry(row.group).or_default();
+        group.last_delivered = group.last_delivered.max(EntryId {
+            ms: row.last_delivered_ms,
+            seq: row.last_delivered_seq,
+        });
+        for (ms, seq) in row.id_ms.into_iter().zip(row.id_seq) {
+            let id = EntryId { ms, seq };
+            if queue.entries.contains_key(&id) {
+                group.last_delivered = group.last_delivered.max(id);
+                group.pending.insert(
+                    id,
+                    Delivery {
+                        consumer: row.consumer.clone(),
+                        delivered_ms: row.delivered_ms,
+                    },
+                );
             }
         }
     }
@@ -377,6 +428,13 @@ impl State {
                 id_seq: queue.last_id.seq,
                 payload: Vec::new(),
             }));
+            let mut group_names: Vec<&String> = queue.groups.keys().collect();
+            group_names.sort();
+            for name in group_names {
+                for row in group_rows(job_id, name, &queue.groups[name]) {
+                    push(Kind::QueueDeliver(row));
+                }
+            }
         }
         for row in self.preferences.values() {
             push(Kind::PutPreference(row.clone()));

@@ -51,7 +51,12 @@ pub(crate) struct RaterLimits {
 impl RaterLimits {
     /// `per_rater` and `all_raters` requests of kind `what` a minute, over
     /// at most `capacity` raters at a time.
-    pub(crate) fn new(what: &'static str, per_rater: u32, all_raters: u32, capacity: usize) -> Self {
+    pub(crate) fn new(
+        what: &'static str,
+        per_rater: u32,
+        all_raters: u32,
+        capacity: usize,
+    ) -> Self {
         Self {
             what,
             per_rater,
@@ -64,8 +69,8 @@ impl RaterLimits {
 
     /// Takes `n` requests of `rater` from the quotas, or says why not.
     pub(crate) fn check(&self, rater: &str, n: usize) -> Result<(), Error> {
-        let n = NonZeroU32::new(u32::try_from(n.max(1)).unwrap_or(u32::MAX))
-            .unwrap_or(NonZeroU32::MIN);
+        let n =
+            NonZeroU32::new(u32::try_from(n.max(1)).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
         take(&self.all, n).map_err(|retry_after| Error::RateLimited {
             reason: format!(
                 "all raters together are over the limit of {} {} a minute",
@@ -168,7 +173,10 @@ mod tests {
         // Both are recent, so neither may go: the new one is refused, and
         // a known one is still limited, not reset.
         let full = refusal(&limits, "fresh");
-        assert!(full.contains("2 raters, the most tracked at once"), "{full}");
+        assert!(
+            full.contains("2 raters, the most tracked at once"),
+            "{full}"
+        );
         assert!(refusal(&limits, "r0").contains("rater \"r0\""));
         assert_eq!(limits.tracked(), 2);
         // Once a rater has been idle for a minute its entry makes room.

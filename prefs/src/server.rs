@@ -180,7 +180,10 @@ impl Config {
             ("pairs_per_minute", self.pairs_per_minute),
             ("comparisons_per_minute", self.comparisons_per_minute),
             ("all_pairs_per_minute", self.all_pairs_per_minute),
-            ("all_comparisons_per_minute", self.all_comparisons_per_minute),
+            (
+                "all_comparisons_per_minute",
+                self.all_comparisons_per_minute,
+            ),
         ] {
             if rate == 0 {
                 return bad(key, "must be at least 1".into());

@@ -168,12 +168,20 @@ async fn with_a_worker_token_only_its_holders_are_scored_and_probes_stay_open() 
             .score(request(clips(40, 0, 1), &["quality"]))
             .await
             .unwrap_err();
-        assert_eq!(status.code(), Code::Unauthenticated, "{token:?}: {status:?}");
+        assert_eq!(
+            status.code(),
+            Code::Unauthenticated,
+            "{token:?}: {status:?}"
+        );
         let status = client(token)
             .describe_models(DescribeModelsRequest::default())
             .await
             .unwrap_err();
-        assert_eq!(status.code(), Code::Unauthenticated, "{token:?}: {status:?}");
+        assert_eq!(
+            status.code(),
+            Code::Unauthenticated,
+            "{token:?}: {status:?}"
+        );
     }
     // The harness's own client sends no token either.
     let status = t

@@ -105,7 +105,8 @@ fn ring_all_reduce(world: usize, len: usize, iters: usize) -> Result<Duration> {
             .map(|(rank, listener)| {
                 let (peers, secret) = (&peers, &secret);
                 s.spawn(move || -> Result<Vec<Duration>> {
-                    let mut ring = TcpRing::connect(rank, peers, listener, "bench", secret, TIMEOUT)?;
+                    let mut ring =
+                        TcpRing::connect(rank, peers, listener, "bench", secret, TIMEOUT)?;
                     let mut buf: Vec<f32> = (0..len).map(|i| (i % 251) as f32).collect();
                     ring.all_reduce_sum(&mut buf)?;
                     let mut times = Vec::with_capacity(iters);

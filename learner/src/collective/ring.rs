@@ -957,7 +957,9 @@ fn rendezvous(
     let abort = AtomicBool::new(false);
     let (left, right) = thread::scope(|scope| {
         let acceptor = scope.spawn(|| {
-            let left = accept_left(listener, &hello, secret, left_rank, deadline, timeout, &abort);
+            let left = accept_left(
+                listener, &hello, secret, left_rank, deadline, timeout, &abort,
+            );
             if left.is_err() {
                 abort.store(true, Ordering::SeqCst);
             }
@@ -1098,7 +1100,8 @@ fn connect_right(
                         break;
                     }
                     match TcpStream::connect_timeout(&addr, wait.min(HANDSHAKE_TIMEOUT)) {
-                        Ok(stream) => match handshake(&stream, hello, secret, right_rank, deadline) {
+                        Ok(stream) => match handshake(&stream, hello, secret, right_rank, deadline)
+                        {
                             Ok(()) => return Ok(Some(stream)),
                             Err(HandshakeError::Fatal(err)) => return Err(err),
                             Err(HandshakeError::Retry(problem)) => last_problem = Some(problem),
@@ -1291,7 +1294,7 @@ mod tests {
                 world_size: 3,
                 tag: "unit".into(),
             };
-            let stream = TcpStream::connect(&address).expect("connect");
+            let stream = TcpStream::connect(address).expect("connect");
             let deadline = Instant::now() + Duration::from_secs(5);
             match handshake(&stream, &hello, &RingSecret::new(b"guess"), 0, deadline) {
                 Err(HandshakeError::Retry(reason)) => reason,

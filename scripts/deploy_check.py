@@ -17,7 +17,8 @@ For the kustomize base and each overlay it renders the manifests with
               process has the labels, annotation and `admin` port the
               scrape configuration keeps; encore.toml's ports match the
               containers'; grace periods exceed the processes' shutdown
-              grace; Redis persists with AOF; the gpu overlay requests GPUs.
+              grace; Redis persists with AOF and requires the password the
+              coordinator's store URI carries; the gpu overlay requests GPUs.
 
 Last, it feeds the same checks deliberately broken copies of the rendered
 manifests and fails unless each one is caught, so that a check that has
@@ -442,6 +443,23 @@ def encore_contract_errors(objects, by_kind, pods, target):
         errors.append("redis.conf does not turn appendonly on")
     if config["coordinator"].get("store", "").split(":")[0] != "redis":
         errors.append("encore.toml [coordinator] store is not Redis")
+    # Redis requires the password, and the coordinator's store URI has it.
+    def env_of(kind, name):
+        workload = by_kind.get(kind, {}).get(name)
+        if workload is None:
+            return {}, []
+        c = workload["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e for e in c.get("env", [])}, c.get("command", [])
+
+    redis_env, redis_command = env_of("StatefulSet", "encore-redis")
+    password_ref = redis_env.get("REDISCLI_AUTH", {}).get("valueFrom", {}).get("secretKeyRef")
+    if "--requirepass" not in redis_command or "$(REDISCLI_AUTH)" not in redis_command or not password_ref:
+        errors.append("encore-redis does not require a password from a Secret (--requirepass $(REDISCLI_AUTH))")
+    coordinator_env, _ = env_of("Deployment", "encore-coordinator")
+    store = coordinator_env.get("ENCORE_COORDINATOR__STORE", {}).get("value", "")
+    coordinator_ref = coordinator_env.get("REDIS_PASSWORD", {}).get("valueFrom", {}).get("secretKeyRef")
+    if "$(REDIS_PASSWORD)@" not in store or coordinator_ref != password_ref:
+        errors.append("the coordinator's store URI does not carry Redis's password from its Secret")
 
     # The ServiceMonitor selects a Service with an admin port for every role.
     for monitor in by_kind.get("ServiceMonitor", {}).values():
@@ -602,6 +620,10 @@ def breakages():
     def namespace(objs):
         del find(objs, "Deployment", "encore-grafana")["metadata"]["namespace"]
 
+    def open_redis(objs):
+        c = containers(objs, "StatefulSet", "encore-redis")[0]
+        c["command"] = ["redis-server", "/etc/redis/redis.conf"]
+
     return [
         ("a misspelt field (livenessprobe)", "cpu-demo", typo_field),
         ("a string where an integer belongs (replicas)", "cpu-demo", wrong_type),
@@ -614,6 +636,7 @@ def breakages():
         ("a GPU actor without a GPU", "gpu", no_gpu),
         ("a pod allowed to run as root", "cpu-demo", root),
         ("an object outside the namespace", "cpu-demo", namespace),
+        ("a Redis without a password", "gpu", open_redis),
     ]
 
 

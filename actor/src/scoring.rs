@@ -1,7 +1,8 @@
 //! Scoring rollouts on the job's reward servers: one Score call per reward
 //! model per batch, all models at once, each with a deadline, retried with
 //! exponential back-off on errors a retry can fix (the server is down,
-//! overloaded, or slow), spreading tries over the model's replicas.
+//! overloaded, or slow), spreading tries over the model's replicas. Every
+//! call carries the worker token, which reward servers require.
 //!
 //! A reward server that goes away stalls the actor (it keeps retrying,
 //! holding its rollouts) instead of crashing it or dropping work; only a
@@ -13,11 +14,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use encore_coordinator::auth::BearerToken;
 use encore_proto::v1::reward_service_client::RewardServiceClient;
 use encore_proto::v1::{RewardEndpoint, Score, ScoreItem, ScoreRequest};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
@@ -26,7 +29,7 @@ use crate::metrics::Metrics;
 /// The replicas of one reward model.
 #[derive(Debug, Clone)]
 struct Replicas {
-    channels: Vec<Channel>,
+    channels: Vec<InterceptedService<Channel, BearerToken>>,
     next: Arc<AtomicUsize>,
 }
 
@@ -41,9 +44,11 @@ pub struct RewardClients {
 
 impl RewardClients {
     /// Lazily connected clients for `endpoints` (connections are made on
-    /// first use, and re-made after a failure, by tonic).
+    /// first use, and re-made after a failure, by tonic), presenting the
+    /// worker `token` that reward servers require.
     pub fn new(
         endpoints: &[RewardEndpoint],
+        token: &BearerToken,
         deadline: Duration,
         max_backoff: Duration,
         metrics: Metrics,
@@ -58,7 +63,7 @@ impl RewardClients {
                     .connect_timeout(Duration::from_secs(5))
                     .tcp_nodelay(true)
                     .connect_lazy();
-                channels.push(channel);
+                channels.push(InterceptedService::new(channel, token.clone()));
             }
             models.insert(
                 endpoint.model.clone(),

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
+use encore_coordinator::auth::BearerToken;
 use encore_coordinator::member::{
     ClusterClient, CoordinatorClient, Membership, WeightClient, instance_id,
 };
@@ -246,8 +247,11 @@ impl Actor {
             0 => lead(work),
             configured => configured,
         };
+        let token = BearerToken::new(&self.config.token()?)
+            .map_err(|why| Error::Config(format!("actor.worker_token: {why}")))?;
         let rewards = RewardClients::new(
             &work.reward_servers,
+            &token,
             self.config.score_deadline(),
             self.config.max_backoff(),
             self.metrics.clone(),

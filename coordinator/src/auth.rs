@@ -8,7 +8,9 @@
 //! cluster and weight services. [`Authenticator::check`] turns the
 //! `authorization: Bearer <token>` header into a [`Caller`] stored in the
 //! request's extensions; each service then asks for the kind it serves with
-//! [`require_client`], [`require_worker`] or [`require_any`].
+//! [`require_client`], [`require_worker`] or [`require_any`], and an rpc
+//! about one job asks [`require_owner`] whether the caller may see or
+//! change that job: a client only its own, a worker any.
 //!
 //! Tokens are compared through their sha256, so the comparison does not
 //! leak a token's prefix through timing.
@@ -18,6 +20,8 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use tonic::Request;
+
+use encore_store::StoredJob;
 
 use crate::error::Error;
 
@@ -173,6 +177,27 @@ pub fn require_worker<T>(request: &Request<T>) -> Result<(), Error> {
 /// Passes any authenticated caller.
 pub fn require_any<T>(request: &Request<T>) -> Result<Caller, Error> {
     caller_of(request).cloned()
+}
+
+/// Passes a worker, or the client that submitted `job` (its
+/// [`StoredJob::owner`]); PERMISSION_DENIED naming the job for any other
+/// client. There is no operator identity that may act on every job: an
+/// operator acts through the store or with the owner's token.
+///
+/// PERMISSION_DENIED rather than NOT_FOUND: job ids are no secret (List
+/// shows every job to every client), so pretending another client's job
+/// does not exist would hide nothing, and would make a wrong token look
+/// like a wrong id.
+pub fn require_owner(caller: &Caller, job: &StoredJob) -> Result<(), Error> {
+    match caller {
+        Caller::Worker => Ok(()),
+        Caller::Client(name) if *name == job.owner => Ok(()),
+        Caller::Client(name) => Err(Error::PermissionDenied(format!(
+            "job {:?} was submitted by another client; client {name:?} may only get, cancel, \
+             watch and read the weights of its own jobs",
+            job.job.job_id
+        ))),
+    }
 }
 
 #[cfg(test)]

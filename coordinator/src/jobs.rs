@@ -8,6 +8,9 @@
 //! job's stored history ([`encore_store::subscribe`]), so a client that
 //! reconnects with the last sequence it saw misses nothing, also across a
 //! coordinator restart.
+//!
+//! A client sees and changes only its own jobs: Get, Cancel and Watch
+//! refuse a job another client submitted ([`require_owner`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,14 +22,14 @@ use encore_proto::v1::{
     CancelJobRequest, GetJobRequest, Job, JobEvent, JobState, ListJobsRequest, ListJobsResponse,
     SubmitJobRequest, SubmitJobResponse, WatchJobRequest, job_event,
 };
-use encore_store::{CreateOutcome, IdempotencyKey, Store, StoreError};
+use encore_store::{CreateOutcome, IdempotencyKey, Store, StoreError, StoredJob};
 use prost_types::Timestamp;
 use rand::Rng;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::auth::require_client;
+use crate::auth::{Caller, require_client, require_owner};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::reconcile::Trigger;
@@ -200,7 +203,14 @@ impl Jobs {
         })
     }
 
-    async fn cancel(&self, req: CancelJobRequest) -> Result<Job> {
+    /// The job `job_id`, if `client` submitted it.
+    async fn owned_job(&self, client: String, job_id: &str) -> Result<StoredJob> {
+        let stored = get_job(&*self.store, job_id).await?;
+        require_owner(&Caller::Client(client), &stored)?;
+        Ok(stored)
+    }
+
+    async fn cancel(&self, client: String, req: CancelJobRequest) -> Result<Job> {
         let mut bad = Violations::default();
         check_id(&mut bad, "job_id", &req.job_id);
         if req.reason.len() > MAX_CANCEL_REASON_BYTES {
@@ -214,6 +224,9 @@ impl Jobs {
             );
         }
         bad.into_result()?;
+        // The owner never changes, so checking it before the
+        // compare-and-set loop is enough.
+        self.owned_job(client, &req.job_id).await?;
         let reason = req.reason;
         let stored = modify_job(&*self.store, &req.job_id, |job, now| match job_state(job) {
             JobState::Cancelled => Ok(None),
@@ -245,16 +258,14 @@ impl Jobs {
         Ok(stored.job)
     }
 
-    async fn watch(&self, req: WatchJobRequest) -> Result<WatchStream> {
+    async fn watch(&self, client: String, req: WatchJobRequest) -> Result<WatchStream> {
         let mut bad = Violations::default();
         check_id(&mut bad, "job_id", &req.job_id);
         bad.into_result()?;
+        self.owned_job(client, &req.job_id).await?;
         let store = self.store.clone();
         let (first, after) = match req.after_sequence {
-            Some(after) => {
-                get_job(&*store, &req.job_id).await?;
-                (None, after)
-            }
+            Some(after) => (None, after),
             None => {
                 // The sequence is read before the job: the snapshot then
                 // reflects at least every event up to it, and an event in
@@ -357,12 +368,12 @@ impl JobService for Jobs {
     async fn get(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
         self.metrics
             .rpc("JobService/Get", async {
-                require_client(&request)?;
+                let client = require_client(&request)?;
                 let job_id = &request.get_ref().job_id;
                 let mut bad = Violations::default();
                 check_id(&mut bad, "job_id", job_id);
                 bad.into_result()?;
-                Ok(get_job(&*self.store, job_id).await?.job)
+                Ok(self.owned_job(client, job_id).await?.job)
             })
             .await
             .map(Response::new)
@@ -386,8 +397,8 @@ impl JobService for Jobs {
     async fn cancel(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
         self.metrics
             .rpc("JobService/Cancel", async {
-                require_client(&request)?;
-                self.cancel(request.into_inner()).await
+                let client = require_client(&request)?;
+                self.cancel(client, request.into_inner()).await
             })
             .await
             .map(Response::new)
@@ -400,8 +411,8 @@ impl JobService for Jobs {
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.metrics
             .rpc("JobService/Watch", async {
-                require_client(&request)?;
-                self.watch(request.into_inner()).await
+                let client = require_client(&request)?;
+                self.watch(client, request.into_inner()).await
             })
             .await
             .map(Response::new)

@@ -251,7 +251,7 @@ impl Coordinator {
             }
         });
         readiness.set_ready();
-        tracing::info!(%grpc_addr, %admin_addr, store = %config.store, "coordinator ready");
+        tracing::info!(%grpc_addr, %admin_addr, store = %encore_store::redacted(&config.store), "coordinator ready");
         Ok(RunningCoordinator {
             grpc_addr,
             admin_addr,

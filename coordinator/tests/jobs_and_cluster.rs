@@ -1,8 +1,8 @@
 //! JobService and ClusterService end to end over gRPC, against a
 //! coordinator on a real Redis: submission and its idempotency, quotas,
 //! listing, cancelling and watching; registration, leases, assignment and
-//! reassignment after a lease expires; progress reports; authentication;
-//! and malformed input of every rpc.
+//! reassignment after a lease expires; progress reports; authentication
+//! and job ownership; and malformed input of every rpc.
 
 mod support;
 
@@ -170,13 +170,13 @@ async fn jobs_list_newest_first_by_page_and_state() {
         let job = client.submit(submit(&format!("l{i}"), 1)).await.unwrap();
         created.push(job.into_inner().job.unwrap().job_id);
     }
-    alice
-        .cancel(CancelJobRequest {
-            job_id: created[1].clone(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    // Bob submitted the odd jobs: only he may cancel them.
+    bob.cancel(CancelJobRequest {
+        job_id: created[1].clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
 
     let mut seen = Vec::new();
     let mut token = String::new();
@@ -574,6 +574,88 @@ async fn every_service_checks_its_token() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_gets_cancels_watches_and_reads_weights_of_its_own_jobs_only() {
+    use encore_proto::v1::weight_service_client::WeightServiceClient;
+    use encore_proto::v1::{
+        FetchRequest, GetManifestRequest, ListVersionsRequest, WatchVersionsRequest,
+    };
+    let (_redis, _dir, c) = coordinator(15_000).await;
+    let mut alice = c.jobs(ALICE).await;
+    let mut bob = c.jobs(BOB).await;
+    let job_id = submit_job(&mut alice, "mine", 1).await;
+    let refused = |status: tonic::Status, rpc: &str| {
+        assert_eq!(status.code(), Code::PermissionDenied, "{rpc}: {status:?}");
+        assert!(status.message().contains(&job_id), "{rpc}: {status:?}");
+    };
+
+    let get = bob.get(GetJobRequest {
+        job_id: job_id.clone(),
+    });
+    refused(get.await.unwrap_err(), "Get");
+    let cancel = bob.cancel(CancelJobRequest {
+        job_id: job_id.clone(),
+        reason: "not mine".into(),
+    });
+    refused(cancel.await.unwrap_err(), "Cancel");
+    for after_sequence in [None, Some(0)] {
+        let watch = bob.watch(WatchJobRequest {
+            job_id: job_id.clone(),
+            after_sequence,
+        });
+        refused(watch.await.unwrap_err(), "Watch");
+    }
+    let mut bobs_weights =
+        WeightServiceClient::with_interceptor(channel(&c.url()).await, bearer(BOB));
+    let manifest = bobs_weights.get_manifest(GetManifestRequest {
+        job_id: job_id.clone(),
+        version: None,
+    });
+    refused(manifest.await.unwrap_err(), "GetManifest");
+    let versions = bobs_weights.list_versions(ListVersionsRequest {
+        job_id: job_id.clone(),
+        page: None,
+    });
+    refused(versions.await.unwrap_err(), "ListVersions");
+    let fetch = bobs_weights.fetch(FetchRequest {
+        job_id: job_id.clone(),
+        ..FetchRequest::default()
+    });
+    refused(fetch.await.unwrap_err(), "Fetch");
+    let watch = bobs_weights.watch_versions(WatchVersionsRequest {
+        job_id: job_id.clone(),
+        after_version: None,
+    });
+    refused(watch.await.unwrap_err(), "WatchVersions");
+
+    // Bob's attempt changed nothing, and alice still does all of it; she
+    // reads her job's weights up to the missing version, and a job nobody
+    // submitted stays NOT_FOUND.
+    assert_eq!(state_of(&mut alice, &job_id).await, JobState::Pending);
+    let mut alices_weights =
+        WeightServiceClient::with_interceptor(channel(&c.url()).await, bearer(ALICE));
+    let manifest = alices_weights.get_manifest(GetManifestRequest {
+        job_id: job_id.clone(),
+        version: None,
+    });
+    assert_eq!(manifest.await.unwrap_err().code(), Code::NotFound);
+    let nobodys = bob.get(GetJobRequest {
+        job_id: "job-nobody".into(),
+    });
+    assert_eq!(nobodys.await.unwrap_err().code(), Code::NotFound);
+    let cancelled = alice
+        .cancel(CancelJobRequest {
+            job_id: job_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state, JobState::Cancelled as i32);
+    wait_for_state(&mut alice, &job_id, JobState::Cancelled).await;
     c.stop().await;
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use encore_coordinator::config::CoordinatorTls;
 use serde::{Deserialize, Serialize};
 
+use crate::collective::RingSecret;
 use crate::error::LearnerError;
 
 /// Section of the config file the learner reads.
@@ -27,6 +28,12 @@ pub struct Config {
     pub worker_token: Option<String>,
     /// A file holding the worker token.
     pub worker_token_file: Option<PathBuf>,
+    /// The secret the ranks of a TCP ring prove to each other at the
+    /// handshake (or `ring_secret_file`); a peer without it is refused.
+    /// Unset, it is derived from the worker token, which every rank holds.
+    pub ring_secret: Option<String>,
+    /// A file holding the ring secret.
+    pub ring_secret_file: Option<PathBuf>,
     /// This process incarnation's id; empty draws one at start-up.
     pub instance_id: String,
     /// Address of the admin HTTP server: `/metrics`, `/healthz`, `/readyz`.
@@ -56,6 +63,8 @@ impl Default for Config {
             tls: None,
             worker_token: None,
             worker_token_file: None,
+            ring_secret: None,
+            ring_secret_file: None,
             instance_id: String::new(),
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -95,7 +104,24 @@ impl Config {
         if let Err(e) = encore_model::device(&self.device) {
             return bad("device", e.to_string());
         }
-        self.token().map(|_| ())
+        self.token()?;
+        self.ring_secret().map(|_| ())
+    }
+
+    /// The TCP ring's secret: `ring_secret` (or its file), else one derived
+    /// from the worker token. Fails if neither is set.
+    pub fn ring_secret(&self) -> Result<RingSecret, LearnerError> {
+        let explicit = encore_config::secret(
+            &format!("{SECTION}.ring_secret"),
+            self.ring_secret.as_deref(),
+            self.ring_secret_file.as_deref(),
+        )
+        .map_err(|e| LearnerError::Config(e.to_string()))?;
+        let secret = match explicit {
+            Some(secret) => format!("ring secret:{secret}"),
+            None => format!("worker token:{}", self.token()?),
+        };
+        Ok(RingSecret::new(secret.as_bytes()))
     }
 
     /// The worker token, from the config or its file.
@@ -159,4 +185,27 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub work_dir: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_secret_is_its_own_or_derived_from_the_worker_token() {
+        let with_token = |token: &str| Config {
+            worker_token: Some(token.into()),
+            ..Config::default()
+        };
+        let derived = with_token("w").ring_secret().unwrap();
+        assert_eq!(derived, with_token("w").ring_secret().unwrap());
+        assert_ne!(derived, with_token("v").ring_secret().unwrap());
+        let own = Config {
+            ring_secret: Some("w".into()),
+            ..with_token("w")
+        };
+        assert_ne!(own.ring_secret().unwrap(), derived);
+        let err = Config::default().ring_secret().unwrap_err().to_string();
+        assert!(err.contains("learner.worker_token"), "{err}");
+    }
 }

@@ -278,8 +278,12 @@ impl Learner {
         let store = encore_coordinator::queue::open_queue(queue_uri, &self.coordinator).await?;
 
         // The collective (blocking: ranks wait for each other).
-        let collective_config =
-            CollectiveConfig::from_assignment(job_id, work, self.config.collective_timeout());
+        let collective_config = CollectiveConfig::from_assignment(
+            job_id,
+            work,
+            self.config.ring_secret()?,
+            self.config.collective_timeout(),
+        );
         let listener = self
             .listener
             .try_clone()

@@ -8,13 +8,18 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use encore_learner::collective::{Collective, CollectiveError, TcpRing};
+use encore_learner::collective::{Collective, CollectiveError, RingSecret, TcpRing};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// Generous: a passing test never waits for it, and the failure tests
 /// check that they fail well before it.
 const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The ring secret the ranks of these tests share.
+fn secret() -> RingSecret {
+    RingSecret::new(b"collective test secret")
+}
 
 /// Binds one listener per rank and returns them with the peer addresses.
 fn listeners(n: usize) -> (Vec<TcpListener>, Vec<String>) {
@@ -36,7 +41,7 @@ fn ring(n: usize) -> Vec<TcpRing> {
         .enumerate()
         .map(|(rank, listener)| {
             let peers = &peers;
-            move || TcpRing::connect(rank, peers, listener, "test-job/1", TIMEOUT)
+            move || TcpRing::connect(rank, peers, listener, "test-job/1", &secret(), TIMEOUT)
         })
         .collect();
     on_threads(connects)
@@ -207,9 +212,9 @@ fn a_world_size_mismatch_is_refused_at_the_handshake() {
     let l0 = listeners.pop().expect("listener 0");
     let started = Instant::now();
     let results = on_threads(vec![
-        Box::new(|| TcpRing::connect(0, &peers, l0, "job", TIMEOUT))
+        Box::new(|| TcpRing::connect(0, &peers, l0, "job", &secret(), TIMEOUT))
             as Box<dyn FnOnce() -> Result<TcpRing, CollectiveError> + Send>,
-        Box::new(|| TcpRing::connect(1, &peers_of_3, l1, "job", TIMEOUT)),
+        Box::new(|| TcpRing::connect(1, &peers_of_3, l1, "job", &secret(), TIMEOUT)),
     ]);
     assert!(
         started.elapsed() < TIMEOUT / 3,
@@ -230,28 +235,52 @@ fn a_world_size_mismatch_is_refused_at_the_handshake() {
     }
 }
 
-/// A peer of another ring (another tag) is refused, and the rank keeps
-/// waiting for its own peer until the deadline, saying why.
-#[test]
-fn a_peer_of_another_ring_is_refused_until_the_deadline() {
+/// Two ranks that must not form a ring, rank r with `tags[r]` and
+/// `secrets[r]`: both keep refusing each other until the deadline, and then
+/// fail saying `why`.
+fn refused_until_the_deadline(tags: [&str; 2], secrets: [RingSecret; 2], why: &str) {
     let (mut listeners, peers) = listeners(2);
     let l1 = listeners.pop().expect("listener 1");
     let l0 = listeners.pop().expect("listener 0");
     let timeout = Duration::from_millis(800);
+    let (peers, secrets) = (&peers, &secrets);
     let results = on_threads(vec![
-        Box::new(|| TcpRing::connect(0, &peers, l0, "job/gen-1", timeout))
+        Box::new(move || TcpRing::connect(0, peers, l0, tags[0], &secrets[0], timeout))
             as Box<dyn FnOnce() -> Result<TcpRing, CollectiveError> + Send>,
-        Box::new(|| TcpRing::connect(1, &peers, l1, "job/gen-2", timeout)),
+        Box::new(move || TcpRing::connect(1, peers, l1, tags[1], &secrets[1], timeout)),
     ]);
     for (rank, result) in results.into_iter().enumerate() {
-        let err = result.expect_err("tags differ");
+        let err = result.expect_err("no ring");
         let text = err.to_string();
         assert!(
             matches!(err, CollectiveError::RendezvousTimeout { .. }),
             "rank {rank}: {text}"
         );
-        assert!(text.contains("ring tag mismatch"), "rank {rank}: {text}");
+        assert!(text.contains(why), "rank {rank}: {text}");
     }
+}
+
+/// A peer of another ring (another tag) is refused, and the rank keeps
+/// waiting for its own peer until the deadline, saying why.
+#[test]
+fn a_peer_of_another_ring_is_refused_until_the_deadline() {
+    refused_until_the_deadline(
+        ["job/gen-1", "job/gen-2"],
+        [secret(), secret()],
+        "ring tag mismatch",
+    );
+}
+
+/// Ranks with different ring secrets refuse each other (neither can prove
+/// it holds the other's secret) until the deadline, saying why; without
+/// the secret check they would form a ring.
+#[test]
+fn a_peer_without_the_ring_secret_is_refused_until_the_deadline() {
+    refused_until_the_deadline(
+        ["job", "job"],
+        [secret(), RingSecret::new(b"another secret")],
+        "does not know the ring secret",
+    );
 }
 
 /// A stranger on the listener (a health check, a scanner) does not stop the
@@ -268,7 +297,7 @@ fn a_stranger_on_the_listener_is_ignored() {
         .enumerate()
         .map(|(rank, listener)| {
             let peers = &peers;
-            move || TcpRing::connect(rank, peers, listener, "job", TIMEOUT)
+            move || TcpRing::connect(rank, peers, listener, "job", &secret(), TIMEOUT)
         })
         .collect();
     let mut rings: Vec<TcpRing> = on_threads(connects)

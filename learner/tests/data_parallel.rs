@@ -137,6 +137,7 @@ fn config(rank: usize, world: usize, peers: Vec<String>) -> CollectiveConfig {
         world_size: world,
         peer_addresses: peers,
         tag: "data-parallel-test".into(),
+        secret: encore_learner::collective::RingSecret::new(b"data-parallel-test"),
         nccl_unique_id: None,
         device_ordinal: 0,
         timeout: Duration::from_secs(60),

@@ -6,15 +6,17 @@
 //! a comparison can name it and the stored record holds it in full. The
 //! listener's choice comes back as a comparison
 //! ([`Preferences::submit`]); comparisons are validated whole, rate-limited
-//! per rater, and stored durably and once per rater and client key.
+//! per rater and over all raters together (`limits.rs`: rater ids are not
+//! authenticated, so the per-rater limits alone would not hold), and
+//! stored durably and once per rater and client key.
 //! `encore.v1.PreferenceService` ([`PreferenceServer`]) exposes both calls
 //! over gRPC; the HTTP page and API map onto the same two calls.
 
 pub mod export;
 pub mod http;
+mod limits;
 pub mod server;
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -28,8 +30,7 @@ use encore_proto::v1::{
     SubmitComparisonsRequest, SubmitComparisonsResponse, SubmittedComparison,
 };
 use encore_store::{RecordPut, Store, StoreError};
-use governor::clock::{Clock as _, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota};
+use limits::RaterLimits;
 use prost::Message;
 use tonic::{Code, Request, Response, Status};
 
@@ -70,6 +71,14 @@ pub struct Limits {
     pub pairs_per_minute: u32,
     /// Comparisons one rater may submit per minute.
     pub comparisons_per_minute: u32,
+    /// Pairs all raters together may ask for per minute: what bounds
+    /// clients that make up a new rater id per request.
+    pub all_pairs_per_minute: u32,
+    /// Comparisons all raters together may submit per minute.
+    pub all_comparisons_per_minute: u32,
+    /// Most raters the per-rater limits track at once; a new rater beyond
+    /// it waits until one has been idle for a minute.
+    pub max_raters: usize,
 }
 
 impl Default for Limits {
@@ -82,6 +91,9 @@ impl Default for Limits {
             clip_ttl: Duration::from_secs(3600),
             pairs_per_minute: 30,
             comparisons_per_minute: 120,
+            all_pairs_per_minute: 600,
+            all_comparisons_per_minute: 2400,
+            max_raters: 10_000,
         }
     }
 }
@@ -100,15 +112,12 @@ pub enum Error {
         /// The id.
         clip_id: String,
     },
-    /// A rater over its rate.
-    #[error("rater {rater:?} is over its limit of {per_minute} {what} a minute")]
+    /// A rater over its rate, all raters together over theirs, or a new
+    /// rater while the most raters are tracked ([`limits`]).
+    #[error("{reason}")]
     RateLimited {
-        /// The rater.
-        rater: String,
-        /// What was limited.
-        what: &'static str,
-        /// The limit.
-        per_minute: u32,
+        /// Which limit, naming the rater where there is one.
+        reason: String,
         /// When to try again.
         retry_after: Duration,
     },
@@ -182,8 +191,8 @@ pub struct Preferences {
     limits: Limits,
     device: Device,
     suggestions: Vec<String>,
-    pairs: DefaultKeyedRateLimiter<String>,
-    comparisons: DefaultKeyedRateLimiter<String>,
+    pairs: RaterLimits,
+    comparisons: RaterLimits,
     next_seed: AtomicU64,
 }
 
@@ -199,10 +208,6 @@ impl std::fmt::Debug for Preferences {
     }
 }
 
-fn quota(per_minute: u32) -> Quota {
-    Quota::per_minute(NonZeroU32::new(per_minute.max(1)).unwrap_or(NonZeroU32::MIN))
-}
-
 impl Preferences {
     /// A service generating clips with `policies` (the first two are the
     /// default pair; one policy is compared against itself) and keeping
@@ -213,8 +218,18 @@ impl Preferences {
             metrics: None,
             store,
             policies,
-            pairs: DefaultKeyedRateLimiter::keyed(quota(limits.pairs_per_minute)),
-            comparisons: DefaultKeyedRateLimiter::keyed(quota(limits.comparisons_per_minute)),
+            pairs: RaterLimits::new(
+                "pairs",
+                limits.pairs_per_minute,
+                limits.all_pairs_per_minute,
+                limits.max_raters,
+            ),
+            comparisons: RaterLimits::new(
+                "comparisons",
+                limits.comparisons_per_minute,
+                limits.all_comparisons_per_minute,
+                limits.max_raters,
+            ),
             limits,
             device: Device::Cpu,
             suggestions: encore_corpus::eval_prompts(7, frames, SUGGESTIONS)
@@ -245,32 +260,6 @@ impl Preferences {
     /// Prompts the page offers.
     pub fn suggestions(&self) -> &[String] {
         &self.suggestions
-    }
-
-    fn check_rate(
-        &self,
-        limiter: &DefaultKeyedRateLimiter<String>,
-        rater: &str,
-        n: usize,
-        what: &'static str,
-        per_minute: u32,
-    ) -> Result<(), Error> {
-        let limited = |retry_after| Error::RateLimited {
-            rater: rater.to_owned(),
-            what,
-            per_minute,
-            retry_after,
-        };
-        let n =
-            NonZeroU32::new(u32::try_from(n.max(1)).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
-        match limiter.check_key_n(&rater.to_owned(), n) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(limited(
-                not_until.wait_time_from(DefaultClock::default().now()),
-            )),
-            // More than the whole quota at once: never allowed in one go.
-            Err(_) => Err(limited(Duration::from_secs(60))),
-        }
     }
 
     fn policy(&self, field: &str, name: &str, default: usize) -> Result<&HostedPolicy, Error> {
@@ -325,13 +314,7 @@ impl Preferences {
         bad.into_result().map_err(Error::Invalid)?;
         let a = self.policy("policy_a", &req.policy_a, 0)?.clone();
         let b = self.policy("policy_b", &req.policy_b, 1)?.clone();
-        self.check_rate(
-            &self.pairs,
-            &req.rater_id,
-            1,
-            "pairs",
-            self.limits.pairs_per_minute,
-        )?;
+        self.pairs.check(&req.rater_id, 1)?;
         let prompt = if req.prompt.trim().is_empty() {
             let i = self.next_seed.load(Ordering::Relaxed) as usize % self.suggestions.len().max(1);
             self.suggestions.get(i).cloned().unwrap_or_default()
@@ -561,13 +544,7 @@ impl Preferences {
             *per_rater.entry(c.rater_id.as_str()).or_default() += 1;
         }
         for (rater, n) in per_rater {
-            self.check_rate(
-                &self.comparisons,
-                rater,
-                n,
-                "comparisons",
-                self.limits.comparisons_per_minute,
-            )?;
+            self.comparisons.check(rater, n)?;
         }
 
         let mut results = Vec::with_capacity(records.len());

@@ -48,6 +48,13 @@ pub struct Config {
     pub pairs_per_minute: u32,
     /// Comparisons one rater may submit per minute.
     pub comparisons_per_minute: u32,
+    /// Pairs all raters together may ask for per minute (rater ids are
+    /// not authenticated; this is what a made-up id cannot escape).
+    pub all_pairs_per_minute: u32,
+    /// Comparisons all raters together may submit per minute.
+    pub all_comparisons_per_minute: u32,
+    /// Most raters the per-rater limits track at once.
+    pub max_raters: usize,
     /// How long a drain waits for in-flight calls, in milliseconds.
     pub shutdown_grace_ms: u64,
 }
@@ -67,6 +74,9 @@ impl Default for Config {
             max_prompt_bytes: limits.max_prompt_bytes,
             pairs_per_minute: limits.pairs_per_minute,
             comparisons_per_minute: limits.comparisons_per_minute,
+            all_pairs_per_minute: limits.all_pairs_per_minute,
+            all_comparisons_per_minute: limits.all_comparisons_per_minute,
+            max_raters: limits.max_raters,
             shutdown_grace_ms: 10_000,
         }
     }
@@ -166,8 +176,21 @@ impl Config {
         if self.max_prompt_bytes == 0 {
             return bad("max_prompt_bytes", "must be at least 1".into());
         }
-        if self.pairs_per_minute == 0 || self.comparisons_per_minute == 0 {
-            return bad("pairs_per_minute", "rates must be at least 1".into());
+        for (key, rate) in [
+            ("pairs_per_minute", self.pairs_per_minute),
+            ("comparisons_per_minute", self.comparisons_per_minute),
+            ("all_pairs_per_minute", self.all_pairs_per_minute),
+            (
+                "all_comparisons_per_minute",
+                self.all_comparisons_per_minute,
+            ),
+        ] {
+            if rate == 0 {
+                return bad(key, "must be at least 1".into());
+            }
+        }
+        if self.max_raters == 0 {
+            return bad("max_raters", "must be at least 1".into());
         }
         if let Err(e) = encore_model::device(&self.device) {
             return bad("device", e.to_string());
@@ -182,6 +205,9 @@ impl Config {
             clip_ttl: Duration::from_secs(self.clip_ttl_s),
             pairs_per_minute: self.pairs_per_minute,
             comparisons_per_minute: self.comparisons_per_minute,
+            all_pairs_per_minute: self.all_pairs_per_minute,
+            all_comparisons_per_minute: self.all_comparisons_per_minute,
+            max_raters: self.max_raters,
             ..Limits::default()
         }
     }

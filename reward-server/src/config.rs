@@ -87,8 +87,11 @@ pub struct Config {
     /// TLS towards an `https://` coordinator: `ca`, the CA certificate
     /// (PEM) its certificate chains to. Required for `https://`.
     pub tls: Option<CoordinatorTls>,
-    /// The worker token presented to the coordinator (or
-    /// `worker_token_file`).
+    /// The worker token (or `worker_token_file`): presented to the
+    /// coordinator, and required from every RewardService caller (actors
+    /// send theirs) as `authorization: Bearer <token>`. Without one the
+    /// server may only run stand-alone, and then serves anyone. gRPC
+    /// health, reflection and the admin port stay open.
     pub worker_token: Option<String>,
     /// A file holding the worker token.
     pub worker_token_file: Option<PathBuf>,
@@ -205,16 +208,21 @@ impl Config {
         Ok(())
     }
 
-    /// The worker token (inline or from its file); an error naming the key
-    /// when a coordinator is configured without one.
-    pub fn worker_token(&self) -> Result<String> {
+    /// The worker token (inline or from its file), if one is configured:
+    /// the token RewardService callers must present.
+    pub fn caller_token(&self) -> Result<Option<String>> {
         encore_config::secret(
             &format!("{SECTION}.worker_token"),
             self.worker_token.as_deref(),
             self.worker_token_file.as_deref(),
         )
-        .map_err(|e| Error::Config(e.to_string()))?
-        .ok_or_else(|| {
+        .map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// The worker token (inline or from its file); an error naming the key
+    /// when a coordinator is configured without one.
+    pub fn worker_token(&self) -> Result<String> {
+        self.caller_token()?.ok_or_else(|| {
             Error::Config(format!(
                 "{SECTION}.worker_token: required to join the coordinator (or worker_token_file, \
                  or ENCORE_REWARD_SERVER__WORKER_TOKEN)"
@@ -321,6 +329,12 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
+    /// A file holding the worker token, which the coordinator and every
+    /// RewardService caller must present [default: none, stand-alone and
+    /// open].
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_token_file: Option<PathBuf>,
 }
 
 #[cfg(test)]

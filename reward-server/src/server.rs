@@ -6,6 +6,9 @@
 //! configured, register metrics, start one scoring worker per model, bind
 //! the gRPC port (RewardService, gRPC health, reflection) and the admin port
 //! (`/metrics`, `/healthz`, `/readyz`), then report SERVING and ready.
+//! RewardService answers only callers presenting the worker token when one
+//! is configured (the coordinator's [`Authenticator`]); health, reflection
+//! and the admin port stay open for probes.
 //!
 //! Shutdown, once the token is cancelled: report NOT_SERVING and not ready,
 //! stop accepting connections, let in-flight rpcs finish (for at most
@@ -17,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::Device;
-use encore_coordinator::auth::BearerToken;
+use encore_coordinator::auth::{Authenticator, BearerToken};
 use encore_coordinator::member::Membership;
 use encore_proto::v1::cluster_service_client::ClusterServiceClient;
 use encore_proto::v1::reward_service_server::RewardServiceServer;
@@ -120,6 +123,18 @@ impl ServerBuilder {
         } = self;
         let codec = codec.map(Arc::new);
         config.validate()?;
+        let authenticator = match config.caller_token()? {
+            Some(token) => Some(
+                Authenticator::new([], &token)
+                    .map_err(|why| Error::Config(format!("reward_server.worker_token: {why}")))?,
+            ),
+            None => {
+                tracing::warn!(
+                    "reward_server.worker_token is not set: RewardService serves any caller"
+                );
+                None
+            }
+        };
         if models.is_empty() {
             return Err(Error::Config(
                 "reward_server.models: no model to host; pass --model NAME=DIR".into(),
@@ -186,7 +201,10 @@ impl ServerBuilder {
                 max_tokens,
                 codec.as_deref(),
             )),
-            stamp_arrival,
+            move |request| match &authenticator {
+                Some(authenticator) => stamp_arrival(authenticator.check(request)?),
+                None => stamp_arrival(request),
+            },
         );
         health_reporter
             .set_service_status(SERVICE_NAME, ServingStatus::Serving)

@@ -1,6 +1,6 @@
 //! The reward server under pressure and over its life: a full queue, an
-//! expired deadline, gRPC health and reflection, and a shutdown that drains
-//! in-flight requests. Queues are filled deterministically by holding the
+//! expired deadline, gRPC health and reflection, the worker token, and a
+//! shutdown that drains in-flight requests. Queues are filled deterministically by holding the
 //! scoring workers at a [`Gate`].
 
 mod common;
@@ -146,6 +146,67 @@ async fn an_expired_deadline_answers_deadline_exceeded_and_is_not_scored() {
         "{status:?}"
     );
     gate.open();
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_worker_token_only_its_holders_are_scored_and_probes_stay_open() {
+    use encore_coordinator::auth::BearerToken;
+    use encore_proto::v1::DescribeModelsRequest;
+    use encore_proto::v1::reward_service_client::RewardServiceClient;
+
+    let mut config = test_config();
+    config.worker_token = Some("worker-secret".into());
+    let mut t = quality_server(config, Gate::new()).await;
+    let channel = common::channel(t.server.grpc_addr()).await;
+    let client = |token: &str| {
+        RewardServiceClient::with_interceptor(channel.clone(), BearerToken::new(token).unwrap())
+    };
+
+    for token in ["", "wrong-secret"] {
+        let status = client(token)
+            .score(request(clips(40, 0, 1), &["quality"]))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::Unauthenticated,
+            "{token:?}: {status:?}"
+        );
+        let status = client(token)
+            .describe_models(DescribeModelsRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::Unauthenticated,
+            "{token:?}: {status:?}"
+        );
+    }
+    // The harness's own client sends no token either.
+    let status = t
+        .client
+        .score(request(clips(40, 0, 1), &["quality"]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    let scored = client("worker-secret")
+        .score(request(clips(40, 0, 2), &["quality"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(scored.results.len(), 2);
+    let status = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: SERVICE_NAME.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::Serving);
+    assert_eq!(http_get(t.server.admin_addr(), "/metrics").await.0, 200);
     t.stop().await;
 }
 

@@ -359,3 +359,31 @@ pub async fn open(uri: &str, clock: Arc<dyn Clock>) -> Result<Arc<dyn Store>> {
         ))
     }
 }
+
+/// `uri` fit for a log line: the credentials of a
+/// `redis://user:password@host` URI replaced by `***`.
+pub fn redacted(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_owned();
+    };
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    match authority.rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => uri.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacted_hides_credentials_only() {
+        use super::redacted;
+        assert_eq!(
+            redacted("redis://:s3cret@encore-redis:6379/0"),
+            "redis://***@encore-redis:6379/0"
+        );
+        assert_eq!(redacted("rediss://u:p@h/1"), "rediss://***@h/1");
+        assert_eq!(redacted("redis://h:6379/0"), "redis://h:6379/0");
+        assert_eq!(redacted("embedded:///var/a@b"), "embedded:///var/a@b");
+    }
+}

@@ -46,7 +46,7 @@ impl Weights {
     /// streams the file.
     #[tracing::instrument(name = "fetch", skip_all, fields(job_id, version, offset))]
     pub(super) async fn fetch_stream(&self, request: Request<FetchRequest>) -> Result<FetchStream> {
-        crate::auth::require_any(&request)?;
+        let caller = crate::auth::require_any(&request)?;
         let request = request.into_inner();
         let mut v = Violations::default();
         check_job_id(&mut v, "job_id", &request.job_id);
@@ -54,6 +54,7 @@ impl Weights {
             check_sha256(&mut v, "expected_sha256", &request.expected_sha256);
         }
         v.into_result()?;
+        self.require_reader(&caller, &request.job_id).await?;
 
         let manifest = self.resolve(&request.job_id, request.version).await?;
         let (version, size) = (version_of(&manifest), manifest.total_size_bytes);

@@ -15,6 +15,9 @@
 //! never visible. Garbage collection (`gc.rs`) keeps version 0 and the
 //! latest versions and never deletes what a reader is fetching.
 //!
+//! Workers read any job's weights; a client reads only the weights of its
+//! own jobs ([`crate::auth::require_owner`]).
+//!
 //! - `service.rs`: the tonic `WeightService` implementation and the small
 //!   rpcs (GetManifest, ListVersions).
 //! - `publish.rs`, `fetch.rs`, `watch.rs`: the three streaming rpcs.
@@ -169,6 +172,16 @@ impl Weights {
             job_id: job_id.to_owned(),
             version: version.map_or_else(|| "latest".to_owned(), |v| v.to_string()),
         })
+    }
+
+    /// Passes a worker at once, and a client if it submitted `job_id`
+    /// (PERMISSION_DENIED if another client did, JOB_NOT_FOUND if nobody
+    /// did).
+    async fn require_reader(&self, caller: &crate::auth::Caller, job_id: &str) -> Result<()> {
+        match caller {
+            crate::auth::Caller::Worker => Ok(()),
+            client => crate::auth::require_owner(client, &self.require_job(job_id).await?),
+        }
     }
 
     /// The job's record; JOB_NOT_FOUND if there is none.

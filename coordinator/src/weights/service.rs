@@ -97,12 +97,13 @@ impl Weights {
         &self,
         request: Request<GetManifestRequest>,
     ) -> Result<WeightManifest> {
-        crate::auth::require_any(&request)?;
+        let caller = crate::auth::require_any(&request)?;
         let request = request.into_inner();
         let mut v = Violations::default();
         check_job_id(&mut v, "job_id", &request.job_id);
         v.into_result()?;
         Span::current().record("job_id", request.job_id.as_str());
+        self.require_reader(&caller, &request.job_id).await?;
         self.resolve(&request.job_id, request.version).await
     }
 
@@ -111,13 +112,14 @@ impl Weights {
         &self,
         request: Request<ListVersionsRequest>,
     ) -> Result<ListVersionsResponse> {
-        crate::auth::require_any(&request)?;
+        let caller = crate::auth::require_any(&request)?;
         let request = request.into_inner();
         let page = request.page.unwrap_or_default();
         let mut v = Violations::default();
         check_job_id(&mut v, "job_id", &request.job_id);
         v.into_result()?;
         Span::current().record("job_id", request.job_id.as_str());
+        self.require_reader(&caller, &request.job_id).await?;
         let below = decode_page_token(&request.job_id, &page.page_token)?;
         let page_size = match page.page_size as usize {
             0 => DEFAULT_PAGE_SIZE,

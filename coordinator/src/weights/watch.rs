@@ -38,12 +38,13 @@ impl Weights {
         &self,
         request: Request<WatchVersionsRequest>,
     ) -> Result<WatchStream> {
-        crate::auth::require_any(&request)?;
+        let caller = crate::auth::require_any(&request)?;
         let request = request.into_inner();
         let mut v = Violations::default();
         check_job_id(&mut v, "job_id", &request.job_id);
         v.into_result()?;
         Span::current().record("job_id", request.job_id.as_str());
+        self.require_reader(&caller, &request.job_id).await?;
 
         let store = &self.inner.store;
         // Listen before reading anything, so no commit falls in between.

@@ -22,7 +22,7 @@ use std::net::{TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use encore_learner::collective::{Collective, TcpRing};
+use encore_learner::collective::{Collective, RingSecret, TcpRing};
 
 /// Errors end the benchmark with a message; nothing to recover.
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -97,14 +97,16 @@ fn ring_all_reduce(world: usize, len: usize, iters: usize) -> Result<Duration> {
         .iter()
         .map(|l| l.local_addr().map(|a| a.to_string()))
         .collect::<std::io::Result<Vec<_>>>()?;
+    let secret = RingSecret::new(b"bench");
     let results = thread::scope(|s| {
         let handles: Vec<_> = listeners
             .into_iter()
             .enumerate()
             .map(|(rank, listener)| {
-                let peers = &peers;
+                let (peers, secret) = (&peers, &secret);
                 s.spawn(move || -> Result<Vec<Duration>> {
-                    let mut ring = TcpRing::connect(rank, peers, listener, "bench", TIMEOUT)?;
+                    let mut ring =
+                        TcpRing::connect(rank, peers, listener, "bench", secret, TIMEOUT)?;
                     let mut buf: Vec<f32> = (0..len).map(|i| (i % 251) as f32).collect();
                     ring.all_reduce_sum(&mut buf)?;
                     let mut times = Vec::with_capacity(iters);

@@ -53,7 +53,7 @@ pub mod nccl;
 
 #[cfg(feature = "nccl")]
 pub use nccl::Nccl;
-pub use ring::TcpRing;
+pub use ring::{RingSecret, TcpRing};
 
 /// Length in bytes of an NCCL unique id (`ncclUniqueId`), as relayed by the
 /// coordinator in `MemberStatus.nccl_unique_id` and
@@ -211,6 +211,9 @@ pub struct CollectiveConfig {
     /// with another tag, so a straggler from an earlier formation cannot
     /// join a new one.
     pub tag: String,
+    /// The TCP ring's shared secret: a peer that cannot prove it holds the
+    /// same one is refused.
+    pub secret: RingSecret,
     /// NCCL only: the 128-byte unique id rank 0 generated with
     /// [`new_nccl_unique_id`].
     pub nccl_unique_id: Option<Vec<u8>>,
@@ -234,6 +237,7 @@ impl CollectiveConfig {
     pub fn from_assignment(
         job_id: &str,
         assignment: &LearnerAssignment,
+        secret: RingSecret,
         timeout: Duration,
     ) -> Self {
         Self {
@@ -242,6 +246,7 @@ impl CollectiveConfig {
             world_size: assignment.world_size as usize,
             peer_addresses: assignment.peer_addresses.clone(),
             tag: ring_tag(job_id, &assignment.peer_addresses),
+            secret,
             nccl_unique_id: assignment.nccl_unique_id.clone(),
             device_ordinal: assignment.device_ordinal.unwrap_or(0) as usize,
             timeout,
@@ -297,6 +302,7 @@ pub fn connect(
                 &config.peer_addresses,
                 listener,
                 &config.tag,
+                &config.secret,
                 config.timeout,
             )?;
             Ok(Box::new(ring))
@@ -382,7 +388,14 @@ mod tests {
             device_ordinal: Some(3),
             ..Default::default()
         };
-        let config = CollectiveConfig::from_assignment("j", &assignment, Duration::from_secs(9));
+        let secret = RingSecret::new(b"s");
+        let config = CollectiveConfig::from_assignment(
+            "j",
+            &assignment,
+            secret.clone(),
+            Duration::from_secs(9),
+        );
+        assert_eq!(config.secret, secret);
         assert_eq!(config.backend, CollectiveBackend::TcpRing);
         assert_eq!((config.rank, config.world_size), (1, 2));
         assert_eq!(config.peer_addresses, assignment.peer_addresses);
@@ -398,6 +411,7 @@ mod tests {
             world_size: 1,
             peer_addresses: vec!["127.0.0.1:1".into()],
             tag: "t".into(),
+            secret: RingSecret::new(b"s"),
             nccl_unique_id: None,
             device_ordinal: 0,
             timeout: Duration::from_secs(1),
@@ -426,6 +440,7 @@ mod tests {
             world_size: 1,
             peer_addresses: vec![],
             tag: "t".into(),
+            secret: RingSecret::new(b"s"),
             nccl_unique_id: Some(vec![0; NCCL_UNIQUE_ID_BYTES]),
             device_ordinal: 0,
             timeout: Duration::from_secs(1),

@@ -9,7 +9,14 @@
 //! every rank would otherwise wait for a neighbour that is itself waiting.
 //! Connecting retries with back-off until the deadline, since ranks start
 //! at different times. Both ends of a connection then exchange a hello
-//! (magic, protocol version, rank, world size, ring tag) and a verdict:
+//! (magic, protocol version, rank, world size, ring tag, a fresh random
+//! nonce) and a verdict carrying a proof that the sender knows the ring's
+//! shared [`RingSecret`] (a SHA-256 over the secret, both nonces and the
+//! sender's rank; the secret itself never travels):
+//! - a wrong proof means the peer is not one of ours (it lacks the secret,
+//!   or holds another one): the connection is refused, whatever the peer's
+//!   verdict says, and this rank keeps waiting for the right peer, so a
+//!   stranger can neither join the ring nor make it fail;
 //! - a different tag means the peer belongs to another formation of the
 //!   ring (a straggler from an earlier job or generation): the connection
 //!   is refused and this rank keeps waiting for the right peer;
@@ -66,6 +73,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use encore_proto::v1::CollectiveBackend;
+use sha2::{Digest, Sha256};
 
 use super::{Collective, CollectiveError};
 
@@ -77,7 +85,12 @@ pub const SEGMENT_BYTES: usize = 1 << 20;
 /// scanner) is told apart from a peer.
 const MAGIC: [u8; 4] = *b"ENCR";
 /// Version of the wire format below; peers must speak the same one.
-const PROTOCOL_VERSION: u16 = 1;
+/// Version 2 added the nonce and the secret proof.
+const PROTOCOL_VERSION: u16 = 2;
+/// Bytes of a handshake nonce.
+const NONCE_BYTES: usize = 16;
+/// Bytes of a secret proof (a SHA-256).
+const PROOF_BYTES: usize = 32;
 /// Longest ring tag accepted, which bounds what a peer can make us read.
 pub const MAX_TAG_BYTES: usize = 1024;
 /// Longest rejection reason accepted in a handshake verdict.
@@ -178,15 +191,17 @@ impl TcpRing {
     /// its length is the world size. `listener` is this rank's own, bound
     /// by the caller (tests bind port 0 first and share the addresses).
     /// `tag` names this formation of the ring (see
-    /// [`super::ring_tag`]); peers with another tag are refused.
+    /// [`super::ring_tag`]); peers with another tag are refused, and so are
+    /// peers that do not hold `secret`.
     pub fn connect(
         rank: usize,
         peer_addresses: &[String],
         listener: TcpListener,
         tag: &str,
+        secret: &RingSecret,
         timeout: Duration,
     ) -> Result<Self, CollectiveError> {
-        Self::connect_with(rank, peer_addresses, Some(listener), tag, timeout)
+        Self::connect_with(rank, peer_addresses, Some(listener), tag, secret, timeout)
     }
 
     /// [`TcpRing::connect`] where a world of one needs no listener.
@@ -195,6 +210,7 @@ impl TcpRing {
         peer_addresses: &[String],
         listener: Option<TcpListener>,
         tag: &str,
+        secret: &RingSecret,
         timeout: Duration,
     ) -> Result<Self, CollectiveError> {
         let world_size = peer_addresses.len();
@@ -230,7 +246,7 @@ impl TcpRing {
         let listener = listener.ok_or_else(|| {
             CollectiveError::Config("the TCP ring needs this rank's bound listener".into())
         })?;
-        let mut links = rendezvous(rank, peer_addresses, &listener, tag, timeout)?;
+        let mut links = rendezvous(rank, peer_addresses, &listener, tag, secret, timeout)?;
         links.configure(timeout)?;
         tracing::debug!(rank, world_size, tag, "tcp ring formed");
         ring.links = Some(links);
@@ -680,6 +696,48 @@ impl Header {
 // ---------------------------------------------------------------------------
 // Rendezvous.
 
+/// The secret every rank of a ring shares (the learner's `ring_secret`, by
+/// default derived from its worker token). A peer that cannot prove it
+/// holds the same one is refused at the handshake.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RingSecret([u8; 32]);
+
+impl std::fmt::Debug for RingSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        f.write_str("RingSecret(..)")
+    }
+}
+
+impl RingSecret {
+    /// The ring secret made from `secret`'s bytes.
+    pub fn new(secret: &[u8]) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(b"encore ring secret\0");
+        hasher.update(secret);
+        Self(hasher.finalize().into())
+    }
+
+    /// What rank `prover_rank`, whose own nonce is `prover_nonce`, sends to
+    /// prove it knows the secret to the peer whose nonce is
+    /// `verifier_nonce`. The verifier's fresh nonce keeps a recorded proof
+    /// from being replayed.
+    fn proof(
+        &self,
+        verifier_nonce: &[u8; NONCE_BYTES],
+        prover_nonce: &[u8; NONCE_BYTES],
+        prover_rank: u32,
+    ) -> [u8; PROOF_BYTES] {
+        let mut hasher = Sha256::new();
+        hasher.update(b"encore ring proof\0");
+        hasher.update(self.0);
+        hasher.update(verifier_nonce);
+        hasher.update(prover_nonce);
+        hasher.update(prover_rank.to_le_bytes());
+        hasher.finalize().into()
+    }
+}
+
 /// What a rank says about itself when it meets a neighbour.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Hello {
@@ -752,6 +810,7 @@ enum HandshakeError {
 fn handshake(
     stream: &TcpStream,
     mine: &Hello,
+    secret: &RingSecret,
     expected: usize,
     deadline: Instant,
 ) -> Result<(), HandshakeError> {
@@ -770,20 +829,38 @@ fn handshake(
         |what: &str, e: io::Error| HandshakeError::Retry(format!("{what} {peer_addr}: {e}"));
     // Both sides write first and read second; hellos are small enough for
     // the socket buffers, so this cannot deadlock.
-    io.write_all(&mine.encode())
+    let my_nonce: [u8; NONCE_BYTES] = rand::random();
+    let mut hello = mine.encode();
+    hello.extend_from_slice(&my_nonce);
+    io.write_all(&hello)
         .map_err(|e| retry("sending hello to", e))?;
     let theirs = Hello::read(&mut io)
         .map_err(|reason| HandshakeError::Retry(format!("{peer_addr}: {reason}")))?;
+    let mut their_nonce = [0u8; NONCE_BYTES];
+    io.read_exact(&mut their_nonce)
+        .map_err(|e| retry("reading hello from", e))?;
     let (code, reason) = judge(mine, &theirs, expected);
     let mut verdict = vec![code];
+    verdict.extend_from_slice(&secret.proof(&their_nonce, &my_nonce, mine.rank));
     verdict.extend_from_slice(&(reason.len() as u16).to_le_bytes());
     verdict.extend_from_slice(reason.as_bytes());
     io.write_all(&verdict)
         .map_err(|e| retry("sending verdict to", e))?;
-    let mut head = [0u8; 3];
+    let mut head = [0u8; 1 + PROOF_BYTES + 2];
     io.read_exact(&mut head)
         .map_err(|e| retry("reading verdict from", e))?;
-    let their_len = usize::from(u16::from_le_bytes([head[1], head[2]]));
+    // Nothing a peer says counts before it proved it holds the secret.
+    if head[1..=PROOF_BYTES] != secret.proof(&my_nonce, &their_nonce, theirs.rank) {
+        return Err(HandshakeError::Retry(format!(
+            "{peer_addr} (claiming rank {}) does not know the ring secret: check that every \
+             learner rank has the same ring_secret (or worker token)",
+            theirs.rank
+        )));
+    }
+    let their_len = usize::from(u16::from_le_bytes([
+        head[1 + PROOF_BYTES],
+        head[2 + PROOF_BYTES],
+    ]));
     if their_len > MAX_REASON_BYTES {
         return Err(HandshakeError::Retry(format!(
             "{peer_addr} sent a {their_len}-byte verdict"
@@ -864,6 +941,7 @@ fn rendezvous(
     peer_addresses: &[String],
     listener: &TcpListener,
     tag: &str,
+    secret: &RingSecret,
     timeout: Duration,
 ) -> Result<Links, CollectiveError> {
     let n = peer_addresses.len();
@@ -879,7 +957,9 @@ fn rendezvous(
     let abort = AtomicBool::new(false);
     let (left, right) = thread::scope(|scope| {
         let acceptor = scope.spawn(|| {
-            let left = accept_left(listener, &hello, left_rank, deadline, timeout, &abort);
+            let left = accept_left(
+                listener, &hello, secret, left_rank, deadline, timeout, &abort,
+            );
             if left.is_err() {
                 abort.store(true, Ordering::SeqCst);
             }
@@ -888,6 +968,7 @@ fn rendezvous(
         let right = connect_right(
             &peer_addresses[right_rank],
             &hello,
+            secret,
             right_rank,
             deadline,
             timeout,
@@ -924,6 +1005,7 @@ fn rendezvous(
 fn accept_left(
     listener: &TcpListener,
     hello: &Hello,
+    secret: &RingSecret,
     left_rank: usize,
     deadline: Instant,
     timeout: Duration,
@@ -956,7 +1038,7 @@ fn accept_left(
             Ok((stream, _)) => {
                 // Accepted sockets must block for the timeouts to apply.
                 stream.set_nonblocking(false).map_err(setup)?;
-                match handshake(&stream, hello, left_rank, deadline) {
+                match handshake(&stream, hello, secret, left_rank, deadline) {
                     Ok(()) => return Ok(Some(stream)),
                     Err(HandshakeError::Fatal(err)) => return Err(err),
                     Err(HandshakeError::Retry(problem)) => {
@@ -984,6 +1066,7 @@ fn accept_left(
 fn connect_right(
     address: &str,
     hello: &Hello,
+    secret: &RingSecret,
     right_rank: usize,
     deadline: Instant,
     timeout: Duration,
@@ -1017,7 +1100,8 @@ fn connect_right(
                         break;
                     }
                     match TcpStream::connect_timeout(&addr, wait.min(HANDSHAKE_TIMEOUT)) {
-                        Ok(stream) => match handshake(&stream, hello, right_rank, deadline) {
+                        Ok(stream) => match handshake(&stream, hello, secret, right_rank, deadline)
+                        {
                             Ok(()) => return Ok(Some(stream)),
                             Err(HandshakeError::Fatal(err)) => return Err(err),
                             Err(HandshakeError::Retry(problem)) => last_problem = Some(problem),
@@ -1126,7 +1210,7 @@ mod tests {
                 .enumerate()
                 .map(|(rank, l)| {
                     let peers = &peers;
-                    s.spawn(move || TcpRing::connect(rank, peers, l, "unit", timeout))
+                    s.spawn(move || TcpRing::connect(rank, peers, l, "unit", &secret(), timeout))
                 })
                 .collect();
             handles
@@ -1191,6 +1275,56 @@ mod tests {
         assert_ne!(bits(&straight), bits(&expected));
     }
 
+    fn secret() -> RingSecret {
+        RingSecret::new(b"unit secret")
+    }
+
+    /// A stranger without the secret cannot make a rank fail, not even by
+    /// claiming the right tag with the wrong world size (which a peer with
+    /// the secret would be failed for): it is refused, and the rank keeps
+    /// waiting for its real neighbour until its deadline.
+    #[test]
+    fn a_stranger_without_the_secret_is_refused_and_cannot_abort_the_ring() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("addr");
+        let stranger = thread::spawn(move || {
+            let hello = Hello {
+                version: PROTOCOL_VERSION,
+                rank: 1,
+                world_size: 3,
+                tag: "unit".into(),
+            };
+            let stream = TcpStream::connect(address).expect("connect");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            match handshake(&stream, &hello, &RingSecret::new(b"guess"), 0, deadline) {
+                Err(HandshakeError::Retry(reason)) => reason,
+                Err(HandshakeError::Fatal(e)) => e.to_string(),
+                Ok(()) => "the handshake passed".into(),
+            }
+        });
+        // Rank 0 of 2 waiting for its left neighbour, rank 1.
+        let mine = Hello {
+            version: PROTOCOL_VERSION,
+            rank: 0,
+            world_size: 2,
+            tag: "unit".into(),
+        };
+        let timeout = Duration::from_secs(1);
+        let deadline = Instant::now() + timeout;
+        let abort = AtomicBool::new(false);
+        let err = accept_left(&listener, &mine, &secret(), 1, deadline, timeout, &abort)
+            .expect_err("no neighbour with the secret");
+        let stranger_saw = stranger.join().expect("stranger");
+        match err {
+            CollectiveError::RendezvousTimeout { last_problem, .. } => {
+                let problems = format!("{last_problem:?}");
+                assert!(problems.contains("ring secret"), "{problems}");
+            }
+            other => panic!("expected a timeout, not {other}"),
+        }
+        assert!(stranger_saw.contains("ring secret"), "{stranger_saw}");
+    }
+
     /// A peer that handshakes, starts an all-reduce and dies half-way
     /// through a chunk makes its neighbour fail fast with `PeerClosed`, and
     /// the ring stays broken afterwards.
@@ -1208,7 +1342,7 @@ mod tests {
         // Rank 1 of 2, speaking the wire format by hand after a real
         // rendezvous.
         let fake = thread::spawn(move || {
-            let links = rendezvous(1, &fake_peers, &fake_listener, "unit", timeout)
+            let links = rendezvous(1, &fake_peers, &fake_listener, "unit", &secret(), timeout)
                 .expect("fake rank joins");
             // Wait until rank 0 is inside the all-reduce: its header arrives.
             let mut their_header = [0u8; HEADER_BYTES];
@@ -1224,7 +1358,8 @@ mod tests {
             (&links.right).write_all(&out).expect("partial chunk");
             links.shutdown();
         });
-        let mut ring = TcpRing::connect(0, &peers, listener, "unit", timeout).expect("ring forms");
+        let mut ring =
+            TcpRing::connect(0, &peers, listener, "unit", &secret(), timeout).expect("ring forms");
         let started = Instant::now();
         let mut buf = vec![1.0f32; len];
         let err = ring.all_reduce_sum(&mut buf).expect_err("the peer died");

@@ -36,33 +36,6 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
-    /// The layers' weights stacked into one `[sum of outs, inp]` layer, and
-    /// each layer given back as a view into it, when none of them is a
-    /// trained variable and none has a bias: one matrix product then does
-    /// the work of several (a decoding step's projections read the same
-    /// input). Trained variables are left apart, since an optimiser step
-    /// updates them in place and a stacked copy would go stale.
-    fn fuse(parts: &mut [&mut Linear]) -> Result<Option<Linear>> {
-        if parts
-            .iter()
-            .any(|p| p.weight.is_variable() || p.bias.is_some())
-        {
-            return Ok(None);
-        }
-        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
-        let fused = Tensor::cat(&weights, 0)?;
-        let mut row = 0;
-        for part in parts.iter_mut() {
-            let rows = part.weight.dim(0)?;
-            part.weight = fused.narrow(0, row, rows)?;
-            row += rows;
-        }
-        Ok(Some(Linear {
-            weight: fused,
-            bias: None,
-        }))
-    }
-
     /// A layer over the given weight `[out, inp]` and bias `[out]`.
     pub(crate) fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self { weight, bias }
@@ -113,59 +86,21 @@ struct Attention {
     k: Linear,
     v: Linear,
     out: Linear,
-    /// `q`, `k` and `v` in one layer (see [`Linear::fuse`]); only
-    /// self-attention projects all three from the same input.
-    qkv: Option<Linear>,
     heads: usize,
     head_dim: usize,
 }
 
 impl Attention {
-    fn new(cfg: &DecoderConfig, fuse: bool, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &DecoderConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
-        let mut q = Linear::new(d, d, false, vb.pp("q_proj"))?;
-        let mut k = Linear::new(d, d, false, vb.pp("k_proj"))?;
-        let mut v = Linear::new(d, d, false, vb.pp("v_proj"))?;
-        let qkv = if fuse {
-            Linear::fuse(&mut [&mut q, &mut k, &mut v])?
-        } else {
-            None
-        };
         Ok(Self {
-            q,
-            k,
-            v,
+            q: Linear::new(d, d, false, vb.pp("q_proj"))?,
+            k: Linear::new(d, d, false, vb.pp("k_proj"))?,
+            v: Linear::new(d, d, false, vb.pp("v_proj"))?,
             out: Linear::new(d, d, false, vb.pp("out_proj"))?,
-            qkv,
             heads: cfg.num_attention_heads,
             head_dim: d / cfg.num_attention_heads,
         })
-    }
-
-    fn scale(&self) -> f64 {
-        (self.head_dim as f64).powf(-0.5)
-    }
-
-    /// Scaled queries, keys and values of `xs` (`[b, t, d]`), each
-    /// `[b, heads, t, head_dim]`: one matrix product when fused.
-    fn project(&self, xs: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let Some(qkv) = &self.qkv else {
-            let (k, v) = self.keys_values(xs)?;
-            return Ok((self.queries(xs)?, k, v));
-        };
-        let (b, t, _) = xs.dims3()?;
-        let all = qkv
-            .forward(xs)?
-            .reshape((b, t, 3, self.heads, self.head_dim))?
-            .permute((2, 0, 3, 1, 4))?
-            .contiguous()?;
-        let part = |i: usize| all.narrow(0, i, 1)?.squeeze(0);
-        Ok(((part(0)? * self.scale())?, part(1)?, part(2)?))
-    }
-
-    /// Scaled queries of `xs`, `[b, heads, t, head_dim]`.
-    fn queries(&self, xs: &Tensor) -> Result<Tensor> {
-        self.split(&(self.q.forward(xs)? * self.scale())?)
     }
 
     /// `[b, t, d]` -> `[b, heads, t, head_dim]`.
@@ -184,12 +119,13 @@ impl Attention {
         ))
     }
 
-    /// Attention of scaled queries `q` over keys and values (all
-    /// `[b, heads, t or s, head_dim]`), with an additive mask broadcastable
-    /// to `[b, heads, t, s]`; `[b, t, d]` out.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, _, t, _) = q.dims4()?;
-        let d = self.heads * self.head_dim;
+    /// Attention of `xs` (`[b, t, d]`) over keys and values
+    /// `[b, heads, s, head_dim]`, with an additive mask broadcastable to
+    /// `[b, heads, t, s]`.
+    fn attend(&self, xs: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, d) = xs.dims3()?;
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let q = self.split(&(self.q.forward(xs)? * scale)?)?;
         let scores = q.matmul(&k.t()?)?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
@@ -217,9 +153,9 @@ impl Layer {
         let d = cfg.hidden_size;
         let norm = |name: &str| candle_nn::layer_norm(d, 1e-5, vb.pp(name));
         Ok(Self {
-            self_attn: Attention::new(cfg, true, vb.pp("self_attn"))?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
             self_norm: norm("self_attn_layer_norm")?,
-            cross_attn: Attention::new(cfg, false, vb.pp("encoder_attn"))?,
+            cross_attn: Attention::new(cfg, vb.pp("encoder_attn"))?,
             cross_norm: norm("encoder_attn_layer_norm")?,
             fc1: Linear::new(d, cfg.ffn_dim, false, vb.pp("fc1"))?,
             fc2: Linear::new(cfg.ffn_dim, d, false, vb.pp("fc2"))?,
@@ -309,8 +245,6 @@ pub struct Decoder {
     layers: Vec<Layer>,
     norm: LayerNorm,
     heads: Vec<Linear>,
-    /// All heads in one layer (see [`Linear::fuse`]).
-    fused_heads: Option<Linear>,
     positions: Tensor,
     cfg: DecoderConfig,
 }
@@ -328,7 +262,7 @@ impl Decoder {
             .map(|i| Layer::new(cfg, body.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         let norm = candle_nn::layer_norm(d, 1e-5, body.pp("layer_norm"))?;
-        let mut heads = (0..cfg.num_codebooks)
+        let heads = (0..cfg.num_codebooks)
             .map(|k| {
                 Linear::new(
                     d,
@@ -338,14 +272,12 @@ impl Decoder {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let fused_heads = Linear::fuse(&mut heads.iter_mut().collect::<Vec<_>>())?;
         let positions = sinusoidal_positions(cfg.max_position_embeddings, d, vb.device())?;
         Ok(Self {
             embed,
             layers,
             norm,
             heads,
-            fused_heads,
             positions,
             cfg: cfg.clone(),
         })
@@ -405,9 +337,9 @@ impl Decoder {
             Some(cache) => {
                 for (i, layer) in self.layers.iter().enumerate() {
                     let h = xs.apply(&layer.self_norm)?;
-                    let (q, k_new, v_new) = layer.self_attn.project(&h)?;
+                    let (k_new, v_new) = layer.self_attn.keys_values(&h)?;
                     let (k, v) = cache.past[i].append(&k_new, &v_new)?;
-                    xs = (&xs + layer.self_attn.attend(&q, &k, &v, self_mask.as_ref())?)?;
+                    xs = (&xs + layer.self_attn.attend(&h, &k, &v, self_mask.as_ref())?)?;
                     let (ck, cv) = &cache.cross[i];
                     xs = self.cross_and_ffn(layer, xs, ck, cv, &cache.cross_mask)?;
                 }
@@ -417,30 +349,21 @@ impl Decoder {
                 let cross_mask = cond.additive()?;
                 for layer in &self.layers {
                     let h = xs.apply(&layer.self_norm)?;
-                    let (q, k, v) = layer.self_attn.project(&h)?;
-                    xs = (&xs + layer.self_attn.attend(&q, &k, &v, self_mask.as_ref())?)?;
+                    let (k, v) = layer.self_attn.keys_values(&h)?;
+                    xs = (&xs + layer.self_attn.attend(&h, &k, &v, self_mask.as_ref())?)?;
                     let (ck, cv) = layer.cross_attn.keys_values(&cond.states)?;
                     xs = self.cross_and_ffn(layer, xs, &ck, &cv, &cross_mask)?;
                 }
             }
         }
         let xs = xs.apply(&self.norm)?;
-        let logits = match &self.fused_heads {
-            Some(heads) if k_total == self.heads.len() => heads
-                .forward(&xs)?
-                .reshape((b, t, k_total, self.cfg.vocab_size))?
-                .transpose(1, 2)?
-                .contiguous()?,
-            _ => {
-                let logits = self
-                    .heads
-                    .iter()
-                    .take(k_total)
-                    .map(|h| h.forward(&xs))
-                    .collect::<Result<Vec<_>>>()?;
-                Tensor::stack(&logits, 1)?
-            }
-        };
+        let logits = self
+            .heads
+            .iter()
+            .take(k_total)
+            .map(|h| h.forward(&xs))
+            .collect::<Result<Vec<_>>>()?;
+        let logits = Tensor::stack(&logits, 1)?;
         debug_assert_eq!(logits.dims()[..3], [b, k_total, t]);
         Ok(logits)
     }
@@ -454,8 +377,7 @@ impl Decoder {
         mask: &Tensor,
     ) -> Result<Tensor> {
         let h = xs.apply(&layer.cross_norm)?;
-        let q = layer.cross_attn.queries(&h)?;
-        let xs = (&xs + layer.cross_attn.attend(&q, ck, cv, Some(mask))?)?;
+        let xs = (&xs + layer.cross_attn.attend(&h, ck, cv, Some(mask))?)?;
         let h = xs.apply(&layer.final_norm)?;
         let h = layer.fc2.forward(&layer.fc1.forward(&h)?.gelu_erf()?)?;
         Ok((xs + h)?)

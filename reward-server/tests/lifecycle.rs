@@ -164,23 +164,24 @@ async fn with_a_worker_token_only_its_holders_are_scored_and_probes_stay_open() 
     };
 
     for token in ["", "wrong-secret"] {
-        let status = client(token)
-            .score(request(clips(40, 0, 1), &["quality"]))
-            .await
-            .unwrap_err();
-        assert_eq!(
-            status.code(),
-            Code::Unauthenticated,
-            "{token:?}: {status:?}"
+        let refused = |status: tonic::Status| {
+            assert_eq!(
+                status.code(),
+                Code::Unauthenticated,
+                "{token:?}: {status:?}"
+            )
+        };
+        refused(
+            client(token)
+                .score(request(clips(40, 0, 1), &["quality"]))
+                .await
+                .unwrap_err(),
         );
-        let status = client(token)
-            .describe_models(DescribeModelsRequest::default())
-            .await
-            .unwrap_err();
-        assert_eq!(
-            status.code(),
-            Code::Unauthenticated,
-            "{token:?}: {status:?}"
+        refused(
+            client(token)
+                .describe_models(DescribeModelsRequest::default())
+                .await
+                .unwrap_err(),
         );
     }
     // The harness's own client sends no token either.

@@ -21,9 +21,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use encore_coordinator::auth::BearerToken;
-use encore_coordinator::member::{
-    ClusterClient, CoordinatorClient, Membership, WeightClient, instance_id,
-};
+use encore_coordinator::member::{CoordinatorClient, Membership, WeightClient, instance_id};
 use encore_coordinator::weights::client::fetch_to_file;
 use encore_model::SamplingParams;
 use encore_policies::AnyPolicy;
@@ -66,10 +64,6 @@ impl Actor {
             device,
             coordinator,
         })
-    }
-
-    fn cluster(&self) -> ClusterClient {
-        self.coordinator.cluster()
     }
 
     fn weights(&self) -> WeightClient {
@@ -123,7 +117,7 @@ impl Actor {
             ..Capabilities::default()
         };
         let membership = Membership::join(
-            self.cluster(),
+            &self.coordinator,
             Role::Actor,
             capabilities,
             instance,

@@ -21,15 +21,17 @@ use encore_proto::v1::cluster_service_client::ClusterServiceClient;
 use encore_proto::v1::job_service_client::JobServiceClient;
 use encore_proto::v1::weight_service_client::WeightServiceClient;
 use encore_proto::v1::{
-    Algorithm, Capabilities, JobResources, JobSpec, ModelRef, Prompt, PromptList, PromptSource,
-    PublishHeader, RegisterRequest, Resources, RewardConfig, Role, SamplingParams, ScoredBatch,
-    StopCondition, SubmitJobRequest, WeightFormat, prompt_source,
+    Algorithm, Capabilities, HeartbeatRequest, JobResources, JobSpec, ModelRef, Prompt, PromptList,
+    PromptSource, PublishHeader, RegisterRequest, Resources, RewardConfig, Role, SamplingParams,
+    ScoredBatch, StopCondition, SubmitJobRequest, WatchAssignmentRequest, WeightFormat,
+    prompt_source,
 };
 use encore_reward::{ArchConfig, RewardConfig as ModelConfig, RewardKind, RewardModel};
 use encore_reward_server::{Config as RewardServerConfig, RunningServer, ServerBuilder};
 use encore_store::{Store, SystemClock};
 use encore_testkit::{RedisServer, free_port};
 use prost::Message;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
@@ -126,8 +128,16 @@ fn spec() -> JobSpec {
     }
 }
 
-/// Publishes a fresh tiny policy (seeded) as `version` of `job_id`.
-async fn publish_policy(url: &str, job_id: &str, version: u64, seed: u64, dir: &std::path::Path) {
+/// Publishes a fresh tiny policy (seeded) as `version` of `job_id`, as the
+/// job's learner rank 0 (its member `token`).
+async fn publish_policy(
+    url: &str,
+    token: &str,
+    job_id: &str,
+    version: u64,
+    seed: u64,
+    dir: &std::path::Path,
+) {
     let cfg = Preset::Tiny.config();
     let policy = TrainablePolicy::fresh(&cfg, &Device::Cpu, seed).unwrap();
     let out = dir.join(format!("policy-{version}"));
@@ -138,7 +148,7 @@ async fn publish_policy(url: &str, job_id: &str, version: u64, seed: u64, dir: &
         .await
         .unwrap();
     let mut client =
-        WeightServiceClient::with_interceptor(channel, BearerToken::new(WORKER).unwrap());
+        WeightServiceClient::with_interceptor(channel, BearerToken::new(token).unwrap());
     publish(
         &mut client,
         PublishHeader {
@@ -224,10 +234,11 @@ async fn an_actor_samples_scores_and_queues_rollouts_and_follows_new_weights() {
         instance_id: format!("{role:?}"),
     };
     // The learner rank is played by the test: it publishes the weights.
-    cluster
+    let learner = cluster
         .register(register(Role::Learner, "127.0.0.1:7000".into(), vec![]))
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
     let mut jobs = JobServiceClient::with_interceptor(channel, BearerToken::new(CLIENT).unwrap());
     let job_id = jobs
         .submit(SubmitJobRequest {
@@ -241,7 +252,6 @@ async fn an_actor_samples_scores_and_queues_rollouts_and_follows_new_weights() {
         .job
         .unwrap()
         .job_id;
-    publish_policy(&url, &job_id, 0, 1, dir.path()).await;
 
     let stop_actor = CancellationToken::new();
     let actor_config = ActorConfig {
@@ -258,6 +268,52 @@ async fn an_actor_samples_scores_and_queues_rollouts_and_follows_new_weights() {
         prometheus::Registry::new(),
         stop_actor.clone(),
     ));
+
+    // Once the actor has joined the job runs, and its learner rank 0
+    // publishes the first weights.
+    let mut as_learner = ClusterServiceClient::with_interceptor(
+        Channel::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+        BearerToken::new(&learner.member_token).unwrap(),
+    );
+    let mut assignments = as_learner
+        .watch_assignment(WatchAssignmentRequest {
+            member_id: learner.member_id.clone(),
+            after_generation: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The test's learner keeps its lease for as long as the test runs.
+    let keep_alive = {
+        let mut cluster = as_learner.clone();
+        let member_id = learner.member_id.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = cluster
+                    .heartbeat(HeartbeatRequest {
+                        member_id: member_id.clone(),
+                        status: None,
+                    })
+                    .await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        })
+    };
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(assignment) = assignments.next().await {
+            if assignment.unwrap().job_id == job_id {
+                return;
+            }
+        }
+        panic!("the assignment stream ended");
+    })
+    .await
+    .expect("the learner is assigned the job");
+    publish_policy(&url, &learner.member_token, &job_id, 0, 1, dir.path()).await;
 
     let store = encore_store::open(&redis.url(), Arc::new(SystemClock))
         .await
@@ -292,7 +348,7 @@ async fn an_actor_samples_scores_and_queues_rollouts_and_follows_new_weights() {
     assert_eq!(batch.rollouts[0].prompt, batch.rollouts[1].prompt);
 
     // A new version is picked up between batches.
-    publish_policy(&url, &job_id, 1, 2, dir.path()).await;
+    publish_policy(&url, &learner.member_token, &job_id, 1, 2, dir.path()).await;
     let picked_up = tokio::time::timeout(PATIENCE, async {
         loop {
             let batch = next_batch(&*store, &job_id).await;
@@ -319,6 +375,7 @@ async fn an_actor_samples_scores_and_queues_rollouts_and_follows_new_weights() {
     let batch = next_batch(&*store, &job_id).await;
     assert_eq!(batch.rollouts.len(), (2 * K) as usize);
 
+    keep_alive.abort();
     stop_actor.cancel();
     tokio::time::timeout(PATIENCE, actor)
         .await

@@ -28,7 +28,9 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::auth::require_worker;
+use crate::auth::{
+    Caller, member_token, require_any, require_registrar, require_self, verify_member,
+};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::reconcile::{Changes, Trigger};
@@ -76,19 +78,22 @@ impl Cluster {
 
     async fn register(&self, req: RegisterRequest) -> Result<RegisterResponse> {
         let role = validate_register(&req)?;
+        let member_id = format!(
+            "{}-{:016x}",
+            crate::reconcile::role_name(role as i32),
+            rand::rng().random::<u64>()
+        );
+        let (token, token_sha256) = member_token(&member_id);
         let member = Member {
-            member_id: format!(
-                "{}-{:016x}",
-                crate::reconcile::role_name(role as i32),
-                rand::rng().random::<u64>()
-            ),
+            member_id,
             role: role as i32,
             instance_id: req.instance_id,
             capabilities: req.capabilities,
             assignment: None,
             register_time: Some(Timestamp::from(self.store.now())),
+            token_sha256: token_sha256.to_vec(),
         };
-        let record = match self.store.register_member(member, self.lease_ttl).await? {
+        let (record, token) = match self.store.register_member(member, self.lease_ttl).await? {
             Registration::Registered(record) => {
                 tracing::info!(
                     member_id = %record.member.member_id,
@@ -96,18 +101,42 @@ impl Cluster {
                     "member registered"
                 );
                 self.trigger.fire();
-                record
+                (record, token)
             }
-            Registration::Existing(record) => record,
+            // A retried Register: the earlier answer (and its token) may
+            // never have arrived, so the member gets a new token.
+            Registration::Existing(record) => self.reissue_token(record).await?,
         };
         Ok(RegisterResponse {
             member_id: record.member.member_id,
             lease_ttl: prost_types::Duration::try_from(self.lease_ttl).ok(),
             heartbeat_interval: prost_types::Duration::try_from(self.lease_ttl / 3).ok(),
+            member_token: token,
         })
     }
 
-    async fn heartbeat(&self, req: HeartbeatRequest) -> Result<HeartbeatResponse> {
+    /// Gives an existing member a new token, retrying when the reconciler
+    /// changes the record at the same moment.
+    async fn reissue_token(&self, mut record: MemberRecord) -> Result<(MemberRecord, String)> {
+        loop {
+            let (token, token_sha256) = member_token(&record.member.member_id);
+            let mut member = record.member.clone();
+            member.token_sha256 = token_sha256.to_vec();
+            match self.store.update_member(member, record.revision).await {
+                Ok(updated) => return Ok((updated, token)),
+                Err(StoreError::Conflict { .. }) => {
+                    record = self
+                        .store
+                        .get_member(&record.member.member_id)
+                        .await?
+                        .ok_or_else(|| Error::LeaseExpired(record.member.member_id.clone()))?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn heartbeat(&self, caller: &Caller, req: HeartbeatRequest) -> Result<HeartbeatResponse> {
         let mut bad = Violations::default();
         check_id(&mut bad, "member_id", &req.member_id);
         if let Some(id) = req.status.as_ref().and_then(|s| s.nccl_unique_id.as_ref())
@@ -122,6 +151,12 @@ impl Cluster {
             );
         }
         bad.into_result()?;
+        require_self(caller, &req.member_id)?;
+        match verify_member(&*self.store, caller).await {
+            // An expired lease is the answer below, not an error.
+            Ok(_) | Err(Error::LeaseExpired(_)) => {}
+            Err(e) => return Err(e),
+        }
         let new_nccl_id = req
             .status
             .as_ref()
@@ -151,20 +186,23 @@ impl Cluster {
         }
     }
 
-    /// The member's record if its lease is alive, else LEASE_EXPIRED.
-    async fn live_member(&self, member_id: &str) -> Result<MemberRecord> {
+    /// The record of the member `caller` is, acting as `member_id`, if its
+    /// lease is alive; LEASE_EXPIRED otherwise.
+    async fn live_member(&self, caller: &Caller, member_id: &str) -> Result<MemberRecord> {
         let mut bad = Violations::default();
         check_id(&mut bad, "member_id", member_id);
         bad.into_result()?;
-        match self.store.get_member(member_id).await? {
-            Some(record) if record.is_alive(self.store.now()) => Ok(record),
-            _ => Err(Error::LeaseExpired(member_id.to_owned())),
-        }
+        require_self(caller, member_id)?;
+        verify_member(&*self.store, caller).await
     }
 
-    async fn watch_assignment(&self, req: WatchAssignmentRequest) -> Result<AssignmentStream> {
+    async fn watch_assignment(
+        &self,
+        caller: &Caller,
+        req: WatchAssignmentRequest,
+    ) -> Result<AssignmentStream> {
         // Fails at once for an unknown or expired member.
-        self.live_member(&req.member_id).await?;
+        self.live_member(caller, &req.member_id).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let store = self.store.clone();
         let mut changes = self.changes.subscribe();
@@ -218,7 +256,11 @@ impl Cluster {
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
-    async fn deregister(&self, req: DeregisterRequest) -> Result<DeregisterResponse> {
+    async fn deregister(
+        &self,
+        caller: &Caller,
+        req: DeregisterRequest,
+    ) -> Result<DeregisterResponse> {
         let mut bad = Violations::default();
         check_id(&mut bad, "member_id", &req.member_id);
         if req.reason.len() > 1024 {
@@ -229,6 +271,12 @@ impl Cluster {
             );
         }
         bad.into_result()?;
+        require_self(caller, &req.member_id)?;
+        match verify_member(&*self.store, caller).await {
+            // Deregistering a member that is gone succeeds.
+            Ok(_) | Err(Error::LeaseExpired(_)) => {}
+            Err(e) => return Err(e),
+        }
         if self.store.remove_member(&req.member_id).await? {
             tracing::info!(member_id = %req.member_id, reason = %req.reason, "member deregistered");
             self.trigger.fire();
@@ -237,9 +285,13 @@ impl Cluster {
         Ok(DeregisterResponse {})
     }
 
-    async fn report_progress(&self, req: ReportProgressRequest) -> Result<ReportProgressResponse> {
+    async fn report_progress(
+        &self,
+        caller: &Caller,
+        req: ReportProgressRequest,
+    ) -> Result<ReportProgressResponse> {
         validate_report(&req)?;
-        let record = self.live_member(&req.member_id).await?;
+        let record = self.live_member(caller, &req.member_id).await?;
         let assigned = record.member.assignment.as_ref().is_some_and(|a| {
             a.job_id == req.job_id
                 && matches!(&a.details, Some(assignment::Details::Learner(l)) if l.rank == 0)
@@ -601,7 +653,8 @@ impl ClusterService for Cluster {
     ) -> Result<Response<RegisterResponse>, Status> {
         self.metrics
             .rpc("ClusterService/Register", async {
-                require_worker(&request)?;
+                let role = Role::try_from(request.get_ref().role).unwrap_or(Role::Unspecified);
+                require_registrar(&request, role)?;
                 self.register(request.into_inner()).await
             })
             .await
@@ -615,8 +668,8 @@ impl ClusterService for Cluster {
     ) -> Result<Response<HeartbeatResponse>, Status> {
         self.metrics
             .rpc("ClusterService/Heartbeat", async {
-                require_worker(&request)?;
-                self.heartbeat(request.into_inner()).await
+                let caller = require_any(&request)?;
+                self.heartbeat(&caller, request.into_inner()).await
             })
             .await
             .map(Response::new)
@@ -629,8 +682,10 @@ impl ClusterService for Cluster {
     ) -> Result<Response<Assignment>, Status> {
         self.metrics
             .rpc("ClusterService/GetAssignment", async {
-                require_worker(&request)?;
-                let record = self.live_member(&request.get_ref().member_id).await?;
+                let caller = require_any(&request)?;
+                let record = self
+                    .live_member(&caller, &request.get_ref().member_id)
+                    .await?;
                 Ok(assignment_of(&record))
             })
             .await
@@ -644,8 +699,8 @@ impl ClusterService for Cluster {
     ) -> Result<Response<Self::WatchAssignmentStream>, Status> {
         self.metrics
             .rpc("ClusterService/WatchAssignment", async {
-                require_worker(&request)?;
-                self.watch_assignment(request.into_inner()).await
+                let caller = require_any(&request)?;
+                self.watch_assignment(&caller, request.into_inner()).await
             })
             .await
             .map(Response::new)
@@ -658,8 +713,8 @@ impl ClusterService for Cluster {
     ) -> Result<Response<DeregisterResponse>, Status> {
         self.metrics
             .rpc("ClusterService/Deregister", async {
-                require_worker(&request)?;
-                self.deregister(request.into_inner()).await
+                let caller = require_any(&request)?;
+                self.deregister(&caller, request.into_inner()).await
             })
             .await
             .map(Response::new)
@@ -672,8 +727,8 @@ impl ClusterService for Cluster {
     ) -> Result<Response<ReportProgressResponse>, Status> {
         self.metrics
             .rpc("ClusterService/ReportProgress", async {
-                require_worker(&request)?;
-                self.report_progress(request.into_inner()).await
+                let caller = require_any(&request)?;
+                self.report_progress(&caller, request.into_inner()).await
             })
             .await
             .map(Response::new)

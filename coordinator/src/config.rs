@@ -92,10 +92,23 @@ pub struct AuthConfig {
     /// A file of client tokens, one `CLIENT:TOKEN` per line (blank lines
     /// and lines starting with `#` are skipped).
     pub client_tokens_file: Option<PathBuf>,
-    /// The token workers (actors, learners, reward servers) present.
+    /// The token workers (actors, learners, reward servers) register with,
+    /// as any role. May be left out when every role has its own token.
     pub worker_token: Option<String>,
     /// A file holding the worker token (surrounding whitespace trimmed).
     pub worker_token_file: Option<PathBuf>,
+    /// A token that registers actors only.
+    pub actor_token: Option<String>,
+    /// A file holding the actor token.
+    pub actor_token_file: Option<PathBuf>,
+    /// A token that registers learner ranks only.
+    pub learner_token: Option<String>,
+    /// A file holding the learner token.
+    pub learner_token_file: Option<PathBuf>,
+    /// A token that registers reward servers only.
+    pub reward_server_token: Option<String>,
+    /// A file holding the reward server token.
+    pub reward_server_token_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -223,19 +236,52 @@ impl Config {
         let read = |key: &str, path: &Path| {
             std::fs::read_to_string(path).map_err(|e| bad(key, format!("{}: {e}", path.display())))
         };
-        let worker = encore_config::secret(
-            &format!("{SECTION}.auth.worker_token"),
+        let secret = |key: &str, inline: Option<&str>, file: Option<&Path>| {
+            encore_config::secret(&format!("{SECTION}.auth.{key}"), inline, file)
+                .map_err(|e| Error::Config(e.to_string()))
+        };
+        let worker = secret(
+            "worker_token",
             auth.worker_token.as_deref(),
             auth.worker_token_file.as_deref(),
-        )
-        .map_err(|e| Error::Config(e.to_string()))?
-        .ok_or_else(|| {
-            bad(
-                "worker_token",
-                "no worker token: set it (or worker_token_file, or ENCORE_COORDINATOR__AUTH__WORKER_TOKEN)"
-                    .into(),
-            )
-        })?;
+        )?;
+        let mut roles = Vec::new();
+        for (role, key, inline, file) in [
+            (
+                encore_proto::v1::Role::Actor,
+                "actor_token",
+                &auth.actor_token,
+                &auth.actor_token_file,
+            ),
+            (
+                encore_proto::v1::Role::Learner,
+                "learner_token",
+                &auth.learner_token,
+                &auth.learner_token_file,
+            ),
+            (
+                encore_proto::v1::Role::RewardServer,
+                "reward_server_token",
+                &auth.reward_server_token,
+                &auth.reward_server_token_file,
+            ),
+        ] {
+            match secret(key, inline.as_deref(), file.as_deref())? {
+                Some(token) => roles.push((role, token)),
+                None if worker.is_none() => {
+                    return Err(bad(
+                        "worker_token",
+                        format!(
+                            "no worker token, and no {key} either, so no {} could register: set \
+                             worker_token (or worker_token_file, or \
+                             ENCORE_COORDINATOR__AUTH__WORKER_TOKEN), or a token for every role",
+                            role.as_str_name()
+                        ),
+                    ));
+                }
+                None => {}
+            }
+        }
         let mut lines: Vec<(String, String)> = Vec::new();
         for (i, entry) in auth.client_tokens.iter().enumerate() {
             lines.push((format!("client_tokens[{i}]"), entry.clone()));
@@ -267,9 +313,10 @@ impl Config {
                 "no client token: set client_tokens or client_tokens_file".into(),
             ));
         }
-        Authenticator::new(
+        Authenticator::with_role_tokens(
             clients.iter().map(|(c, t)| (c.as_str(), t.as_str())),
-            &worker,
+            worker.as_deref().unwrap_or_default(),
+            roles.iter().map(|(r, t)| (*r, t.as_str())),
         )
         .map_err(|why| bad("client_tokens", why))
     }
@@ -390,5 +437,20 @@ mod tests {
             ..Config::default()
         };
         config.authenticator().unwrap();
+    }
+
+    #[test]
+    fn role_tokens_can_stand_in_for_the_worker_token() {
+        let mut config = with_tokens();
+        config.auth.worker_token = None;
+        config.auth.actor_token = Some("a-w".into());
+        config.auth.learner_token = Some("l-w".into());
+        let err = config.authenticator().unwrap_err().to_string();
+        assert!(err.contains("reward_server_token"), "{err}");
+        config.auth.reward_server_token = Some("r-w".into());
+        config.authenticator().unwrap();
+        config.auth.learner_token = Some("a-w".into());
+        let err = config.authenticator().unwrap_err().to_string();
+        assert!(err.contains("also given to another caller"), "{err}");
     }
 }

@@ -9,8 +9,9 @@
 //! reconnects with the last sequence it saw misses nothing, also across a
 //! coordinator restart.
 //!
-//! A client sees and changes only its own jobs: Get, Cancel and Watch
-//! refuse a job another client submitted ([`require_owner`]).
+//! A client sees and changes only its own jobs: List shows only them, and
+//! Get, Cancel and Watch refuse a job another client submitted
+//! ([`require_owner`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -163,7 +164,7 @@ impl Jobs {
         }
     }
 
-    async fn list(&self, req: ListJobsRequest) -> Result<ListJobsResponse> {
+    async fn list(&self, client: &str, req: ListJobsRequest) -> Result<ListJobsResponse> {
         let mut bad = Violations::default();
         let mut states = Vec::with_capacity(req.states.len());
         for (i, &value) in req.states.iter().enumerate() {
@@ -180,7 +181,7 @@ impl Jobs {
         let token = (!page.page_token.is_empty()).then_some(page.page_token.as_str());
         let listed = self
             .store
-            .list_jobs(&states, page.page_size as usize, token)
+            .list_jobs(Some(client), &states, page.page_size as usize, token)
             .await
             .map_err(|e| match e {
                 StoreError::InvalidArgument {
@@ -386,8 +387,8 @@ impl JobService for Jobs {
     ) -> Result<Response<ListJobsResponse>, Status> {
         self.metrics
             .rpc("JobService/List", async {
-                require_client(&request)?;
-                self.list(request.into_inner()).await
+                let client = require_client(&request)?;
+                self.list(&client, request.into_inner()).await
             })
             .await
             .map(Response::new)

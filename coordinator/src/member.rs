@@ -4,7 +4,8 @@
 //! lease is gone.
 //!
 //! ```text
-//!  Membership::join ──Register──▶ member id, lease, heartbeat interval
+//!  Membership::join ──Register(worker token)──▶ member id, member token, lease, heartbeat interval
+//!     every later call sends the member token
 //!     heartbeat task ──Heartbeat(status)──▶ lease renewed; lease_valid=false ─▶ `lost`
 //!     follow task    ──WatchAssignment──▶ `assignments` (a watch channel); LEASE_EXPIRED ─▶ `lost`
 //!  Membership::leave ──Deregister──▶ work freed at once
@@ -34,14 +35,16 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use crate::auth::BearerToken;
 use crate::config::CoordinatorTls;
 
-/// A ClusterService client carrying the worker token.
+/// A ClusterService client carrying the worker or member token.
 pub type ClusterClient = ClusterServiceClient<InterceptedService<Channel, BearerToken>>;
-/// A WeightService client carrying the worker token.
+/// A WeightService client carrying the member token.
 pub type WeightClient = WeightServiceClient<InterceptedService<Channel, BearerToken>>;
 
 /// The coordinator as a worker process sees it: one lazily connected
-/// channel (HTTP/2 windows widened for weight transfers) and the worker
-/// token, from which the ClusterService and WeightService clients are made.
+/// channel (HTTP/2 windows widened for weight transfers) and the token,
+/// from which the ClusterService, RolloutQueueService and WeightService
+/// clients are made: the worker token until [`Membership::join`] registers,
+/// the member token it got from then on (shared by every client and clone).
 #[derive(Debug, Clone)]
 pub struct CoordinatorClient {
     channel: Channel,
@@ -88,7 +91,9 @@ impl CoordinatorClient {
         Ok(Self { channel, token })
     }
 
-    /// A ClusterService client.
+    /// A ClusterService client. Like every client made here, it sends the
+    /// worker token until [`Membership::join`] registers, and the member
+    /// token from then on.
     pub fn cluster(&self) -> ClusterClient {
         ClusterServiceClient::with_interceptor(self.channel.clone(), self.token.clone())
     }
@@ -136,25 +141,34 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// Registers as `role` with `capabilities` under `instance_id`, and
-    /// starts the heartbeat and the assignment follower. `parent`
-    /// cancelling ends them too.
+    /// Registers as `role` with `capabilities` under `instance_id` (with
+    /// the worker token), makes every client of `coordinator` send the
+    /// member token from then on, and starts the heartbeat and the
+    /// assignment follower. `parent` cancelling ends them too.
     pub async fn join(
-        mut cluster: ClusterClient,
+        coordinator: &CoordinatorClient,
         role: Role,
         capabilities: Capabilities,
         instance_id: &str,
         parent: &CancellationToken,
     ) -> Result<Self, tonic::Status> {
-        let registered = cluster
-            .register(RegisterRequest {
-                role: role as i32,
-                capabilities: Some(capabilities),
-                instance_id: instance_id.to_owned(),
-            })
-            .await?
-            .into_inner();
+        let registered = ClusterServiceClient::with_interceptor(
+            coordinator.channel.clone(),
+            coordinator.token.registrar(),
+        )
+        .register(RegisterRequest {
+            role: role as i32,
+            capabilities: Some(capabilities),
+            instance_id: instance_id.to_owned(),
+        })
+        .await?
+        .into_inner();
         let member_id = registered.member_id;
+        coordinator
+            .token
+            .set_member(&registered.member_token)
+            .map_err(|e| tonic::Status::internal(format!("the member token: {e}")))?;
+        let cluster = coordinator.cluster();
         let interval = registered
             .heartbeat_interval
             .and_then(|d| Duration::try_from(d).ok())
@@ -264,6 +278,13 @@ async fn heartbeat(
                 lost.cancel();
                 return;
             }
+            // The token is no longer this member's: a retried Register
+            // replaced it, so this membership is over.
+            Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                tracing::warn!(%member_id, error = %status, "the member token was refused");
+                lost.cancel();
+                return;
+            }
             // The coordinator may be restarting; the lease outlives a few
             // missed beats.
             Err(status) => tracing::warn!(%member_id, error = %status, "heartbeat failed"),
@@ -290,7 +311,7 @@ async fn follow(
         };
         let mut stream = match opened {
             Ok(stream) => stream.into_inner(),
-            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+            Err(status) if ends_membership(&status) => {
                 lost.cancel();
                 return;
             }
@@ -315,7 +336,7 @@ async fn follow(
                     backoff = Duration::from_millis(50);
                     let _ = assigned.send(assignment);
                 }
-                Some(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                Some(Err(status)) if ends_membership(&status) => {
                     lost.cancel();
                     return;
                 }
@@ -324,4 +345,13 @@ async fn follow(
             }
         }
     }
+}
+
+/// A status that means the membership is over: the lease is gone
+/// (FAILED_PRECONDITION) or the token is no longer the member's.
+fn ends_membership(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::FailedPrecondition | tonic::Code::Unauthenticated
+    )
 }

@@ -28,7 +28,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
-use crate::auth::{BearerToken, require_worker};
+use crate::auth::{BearerToken, Caller, JobRight, require_any, require_member_right};
 use crate::error::Result;
 use crate::member::CoordinatorClient;
 use crate::metrics::Metrics;
@@ -73,7 +73,11 @@ impl QueueService {
         Self { store, metrics }
     }
 
-    async fn append(&self, req: QueueAppendRequest) -> Result<QueueAppendResponse> {
+    async fn append(
+        &self,
+        caller: &Caller,
+        req: QueueAppendRequest,
+    ) -> Result<QueueAppendResponse> {
         let mut bad = Violations::default();
         check_id(&mut bad, "job_id", &req.job_id);
         if req.payload.is_empty() {
@@ -83,6 +87,7 @@ impl QueueService {
             bad.invalid("max_len", "must be > 0");
         }
         bad.into_result()?;
+        require_member_right(&*self.store, caller, &req.job_id, JobRight::Produce).await?;
         Ok(
             match self
                 .store
@@ -103,7 +108,7 @@ impl QueueService {
         )
     }
 
-    async fn read(&self, req: QueueReadRequest) -> Result<QueueEntries> {
+    async fn read(&self, caller: &Caller, req: QueueReadRequest) -> Result<QueueEntries> {
         let mut bad = Violations::default();
         check_id(&mut bad, "job_id", &req.job_id);
         check_id(&mut bad, "group", &req.group);
@@ -112,6 +117,7 @@ impl QueueService {
             bad.invalid("count", "must be > 0");
         }
         bad.into_result()?;
+        require_member_right(&*self.store, caller, &req.job_id, JobRight::Consume).await?;
         let block = Duration::from_millis(req.block_ms).min(MAX_BLOCK);
         let entries = self
             .store
@@ -126,17 +132,18 @@ impl QueueService {
         Ok(entries_to_wire(entries))
     }
 
-    async fn ack(&self, req: QueueAckRequest) -> Result<QueueAckResponse> {
+    async fn ack(&self, caller: &Caller, req: QueueAckRequest) -> Result<QueueAckResponse> {
         let mut bad = Violations::default();
         check_id(&mut bad, "job_id", &req.job_id);
         check_id(&mut bad, "group", &req.group);
         bad.into_result()?;
+        require_member_right(&*self.store, caller, &req.job_id, JobRight::Consume).await?;
         let ids: Vec<EntryId> = req.ids.iter().map(from_wire).collect();
         let acknowledged = self.store.queue_ack(&req.job_id, &req.group, &ids).await?;
         Ok(QueueAckResponse { acknowledged })
     }
 
-    async fn claim_stale(&self, req: QueueClaimRequest) -> Result<QueueEntries> {
+    async fn claim_stale(&self, caller: &Caller, req: QueueClaimRequest) -> Result<QueueEntries> {
         let mut bad = Violations::default();
         check_id(&mut bad, "job_id", &req.job_id);
         check_id(&mut bad, "group", &req.group);
@@ -145,6 +152,7 @@ impl QueueService {
             bad.invalid("count", "must be > 0");
         }
         bad.into_result()?;
+        require_member_right(&*self.store, caller, &req.job_id, JobRight::Consume).await?;
         let entries = self
             .store
             .queue_claim_stale(
@@ -158,13 +166,14 @@ impl QueueService {
         Ok(entries_to_wire(entries))
     }
 
-    async fn stats(&self, req: QueueStatsRequest) -> Result<QueueStats> {
+    async fn stats(&self, caller: &Caller, req: QueueStatsRequest) -> Result<QueueStats> {
         let mut bad = Violations::default();
         check_id(&mut bad, "job_id", &req.job_id);
         if !req.group.is_empty() {
             check_id(&mut bad, "group", &req.group);
         }
         bad.into_result()?;
+        require_member_right(&*self.store, caller, &req.job_id, JobRight::InspectQueue).await?;
         let len = self.store.queue_len(&req.job_id).await?;
         let pending = if req.group.is_empty() {
             0
@@ -183,8 +192,8 @@ impl RolloutQueueService for QueueService {
     ) -> std::result::Result<Response<QueueAppendResponse>, Status> {
         self.metrics
             .rpc("RolloutQueueService/Append", async {
-                require_worker(&request)?;
-                self.append(request.into_inner()).await
+                let caller = require_any(&request)?;
+                self.append(&caller, request.into_inner()).await
             })
             .await
             .map(Response::new)
@@ -196,8 +205,8 @@ impl RolloutQueueService for QueueService {
     ) -> std::result::Result<Response<QueueEntries>, Status> {
         self.metrics
             .rpc("RolloutQueueService/Read", async {
-                require_worker(&request)?;
-                self.read(request.into_inner()).await
+                let caller = require_any(&request)?;
+                self.read(&caller, request.into_inner()).await
             })
             .await
             .map(Response::new)
@@ -209,8 +218,8 @@ impl RolloutQueueService for QueueService {
     ) -> std::result::Result<Response<QueueAckResponse>, Status> {
         self.metrics
             .rpc("RolloutQueueService/Ack", async {
-                require_worker(&request)?;
-                self.ack(request.into_inner()).await
+                let caller = require_any(&request)?;
+                self.ack(&caller, request.into_inner()).await
             })
             .await
             .map(Response::new)
@@ -222,8 +231,8 @@ impl RolloutQueueService for QueueService {
     ) -> std::result::Result<Response<QueueEntries>, Status> {
         self.metrics
             .rpc("RolloutQueueService/ClaimStale", async {
-                require_worker(&request)?;
-                self.claim_stale(request.into_inner()).await
+                let caller = require_any(&request)?;
+                self.claim_stale(&caller, request.into_inner()).await
             })
             .await
             .map(Response::new)
@@ -235,8 +244,8 @@ impl RolloutQueueService for QueueService {
     ) -> std::result::Result<Response<QueueStats>, Status> {
         self.metrics
             .rpc("RolloutQueueService/Stats", async {
-                require_worker(&request)?;
-                self.stats(request.into_inner()).await
+                let caller = require_any(&request)?;
+                self.stats(&caller, request.into_inner()).await
             })
             .await
             .map(Response::new)

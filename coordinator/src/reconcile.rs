@@ -377,6 +377,7 @@ async fn live_jobs(store: &dyn Store) -> Result<Vec<Job>> {
     loop {
         let page = store
             .list_jobs(
+                None,
                 &[JobState::Pending, JobState::Running],
                 encore_store::MAX_PAGE_SIZE,
                 token.as_deref(),

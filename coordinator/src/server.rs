@@ -271,7 +271,7 @@ async fn collect_garbage(store: Arc<dyn Store>, weights: Weights, shutdown: Canc
             () = tokio::time::sleep(GC_PERIOD) => {}
         }
         let jobs = match store
-            .list_jobs(&[], encore_store::MAX_PAGE_SIZE, None)
+            .list_jobs(None, &[], encore_store::MAX_PAGE_SIZE, None)
             .await
         {
             Ok(page) => page.jobs,

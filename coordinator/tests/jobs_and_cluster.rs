@@ -51,30 +51,6 @@ async fn state_of(jobs: &mut JobClient, job_id: &str) -> JobState {
 }
 
 /// Waits on a WatchJob stream for the job to reach `state`.
-async fn wait_for_state(jobs: &mut JobClient, job_id: &str, state: JobState) {
-    let mut events = jobs
-        .watch(WatchJobRequest {
-            job_id: job_id.into(),
-            after_sequence: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let reached = async {
-        while let Some(event) = events.next().await {
-            match event.unwrap().event {
-                Some(job_event::Event::Snapshot(job)) if job.state == state as i32 => return,
-                Some(job_event::Event::StateChange(c)) if c.state == state as i32 => return,
-                _ => {}
-            }
-        }
-        panic!("the watch ended before {state:?}");
-    };
-    tokio::time::timeout(PATIENCE, reached)
-        .await
-        .expect("job state reached in time");
-}
-
 #[tokio::test]
 async fn submit_is_idempotent_per_client_and_refuses_a_reused_key() {
     let (_redis, _dir, c) = coordinator(15_000).await;
@@ -110,12 +86,15 @@ async fn submit_is_idempotent_per_client_and_refuses_a_reused_key() {
     let dry = alice.submit(dry).await.unwrap().into_inner();
     assert!(!dry.created);
     assert!(dry.job.unwrap().job_id.is_empty());
-    let listed = alice
-        .list(ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(listed.jobs.len(), 2);
+    // Alice lists her own job; Bob's is his.
+    for client in [&mut alice, &mut bob] {
+        let listed = client
+            .list(ListJobsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(listed.jobs.len(), 1);
+    }
 
     // Each rpc is counted by method and outcome.
     let exposition = prometheus::TextEncoder::new()
@@ -160,12 +139,12 @@ async fn a_client_has_a_quota_of_live_jobs() {
 }
 
 #[tokio::test]
-async fn jobs_list_newest_first_by_page_and_state() {
+async fn jobs_list_newest_first_by_page_and_state_and_only_the_callers_own() {
     let (_redis, _dir, c) = coordinator(15_000).await;
     let mut alice = c.jobs(ALICE).await;
     let mut bob = c.jobs(BOB).await;
     let mut created = Vec::new();
-    for i in 0..4 {
+    for i in 0..6 {
         let client = if i % 2 == 0 { &mut alice } else { &mut bob };
         let job = client.submit(submit(&format!("l{i}"), 1)).await.unwrap();
         created.push(job.into_inner().job.unwrap().job_id);
@@ -178,45 +157,47 @@ async fn jobs_list_newest_first_by_page_and_state() {
     .await
     .unwrap();
 
-    let mut seen = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = alice
-            .list(ListJobsRequest {
-                page: Some(Page {
-                    page_size: 3,
-                    page_token: token.clone(),
-                }),
-                states: vec![],
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        seen.extend(page.jobs.into_iter().map(|j| j.job_id));
-        if page.next_page_token.is_empty() {
-            break;
+    async fn all_pages(client: &mut JobClient, states: Vec<i32>) -> Vec<String> {
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = client
+                .list(ListJobsRequest {
+                    page: Some(Page {
+                        page_size: 2,
+                        page_token: token.clone(),
+                    }),
+                    states: states.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            seen.extend(page.jobs.into_iter().map(|j| j.job_id));
+            if page.next_page_token.is_empty() {
+                return seen;
+            }
+            token = page.next_page_token;
         }
-        token = page.next_page_token;
     }
-    let newest_first: Vec<String> = created.iter().rev().cloned().collect();
-    assert_eq!(seen, newest_first);
-
-    let cancelled = alice
-        .list(ListJobsRequest {
-            page: None,
-            states: vec![JobState::Cancelled as i32],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        cancelled
-            .jobs
+    // Each client sees its own jobs, newest first, and nobody else's.
+    let newest_first = |parity: usize| -> Vec<String> {
+        created
             .iter()
-            .map(|j| j.job_id.clone())
-            .collect::<Vec<_>>(),
+            .enumerate()
+            .rev()
+            .filter(|(i, _)| i % 2 == parity)
+            .map(|(_, id)| id.clone())
+            .collect()
+    };
+    assert_eq!(all_pages(&mut alice, vec![]).await, newest_first(0));
+    assert_eq!(all_pages(&mut bob, vec![]).await, newest_first(1));
+
+    let cancelled = vec![JobState::Cancelled as i32];
+    assert_eq!(
+        all_pages(&mut bob, cancelled.clone()).await,
         vec![created[1].clone()]
     );
+    assert!(all_pages(&mut alice, cancelled).await.is_empty());
     c.stop().await;
 }
 
@@ -412,7 +393,7 @@ async fn an_actor_that_stops_heartbeating_loses_its_lease_and_its_work() {
         .into_inner()
         .member_id;
     let keep_alive = {
-        let mut cluster = c.cluster().await;
+        let mut cluster = cluster.clone();
         let ids = vec![ids[0].clone(), ids[1].clone(), spare.clone()];
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(TTL_MS / 4));

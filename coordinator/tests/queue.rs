@@ -1,7 +1,8 @@
 //! RolloutQueueService: the queue of a coordinator on the embedded store,
 //! used through [`QueueClient`] exactly as workers use it. Append with the
 //! bound, read (also blocked until an append), ack, claim after a crash,
-//! stats; the worker token only; bad requests name their field.
+//! stats; each member only for its own job and in its role; bad requests
+//! name their field.
 
 mod support;
 
@@ -22,46 +23,57 @@ async fn workers_use_an_embedded_coordinators_queue_over_grpc() {
     let config = test_config(&store, dir.path());
     assert_eq!(config.rollout_queue_uri(), COORDINATOR_QUEUE_URI);
     let c = TestCoordinator::start(config).await;
-    let client = CoordinatorClient::new(&c.url(), WORKER, None).unwrap();
-    let queue = open_queue(COORDINATOR_QUEUE_URI, &client).await.unwrap();
+    let mut alice = c.jobs(ALICE).await;
+    let mut cluster = c.cluster().await;
+    let (job, [_, learner, actor]) = running_job(&mut alice, &mut cluster, "q").await;
+    let as_member = |member: &str| {
+        let client = CoordinatorClient::new(&c.url(), &cluster.token(member), None).unwrap();
+        async move { open_queue(COORDINATOR_QUEUE_URI, &client).await.unwrap() }
+    };
+    // The job's actor appends; its learner rank reads, acknowledges and
+    // claims.
+    let producer = as_member(&actor).await;
+    let queue = as_member(&learner).await;
+    let job = job.as_str();
 
     // Bounded appends: the third is refused while two are unacknowledged.
     for i in 0..2u8 {
-        let outcome = queue.append("job-1", vec![i; 3], 2).await.unwrap();
+        let outcome = producer.append(job, vec![i; 3], 2).await.unwrap();
         assert!(matches!(outcome, AppendOutcome::Appended(_)), "{outcome:?}");
     }
     assert_eq!(
-        queue.append("job-1", vec![9], 2).await.unwrap(),
+        producer.append(job, vec![9], 2).await.unwrap(),
         AppendOutcome::Full { len: 2 }
     );
 
     // Rank A reads one and "crashes"; rank B reads the other.
     let a = queue
-        .read("job-1", "learners", "rank-a", 1, Duration::ZERO)
+        .read(job, "learners", "rank-a", 1, Duration::ZERO)
         .await
         .unwrap();
     assert_eq!(a.len(), 1);
     assert_eq!(a[0].payload, vec![0, 0, 0]);
     let b = queue
-        .read("job-1", "learners", "rank-b", 10, Duration::ZERO)
+        .read(job, "learners", "rank-b", 10, Duration::ZERO)
         .await
         .unwrap();
     assert_eq!(b.len(), 1);
     assert_eq!(b[0].payload, vec![1, 1, 1]);
-    assert_eq!(queue.len("job-1").await.unwrap(), 2);
-    assert_eq!(queue.pending("job-1", "learners").await.unwrap(), 2);
+    assert_eq!(queue.len(job).await.unwrap(), 2);
+    assert_eq!(queue.pending(job, "learners").await.unwrap(), 2);
 
     // A blocked read wakes up on the next append, well before its limit.
     let reader = {
         let queue = queue.clone();
+        let job = job.to_owned();
         tokio::spawn(async move {
             queue
-                .read("job-1", "learners", "rank-b", 1, Duration::from_secs(4))
+                .read(&job, "learners", "rank-b", 1, Duration::from_secs(4))
                 .await
         })
     };
-    queue.ack("job-1", "learners", &[b[0].id]).await.unwrap();
-    let appended = queue.append("job-1", vec![2], 2).await.unwrap();
+    queue.ack(job, "learners", &[b[0].id]).await.unwrap();
+    let appended = producer.append(job, vec![2], 2).await.unwrap();
     let woken = tokio::time::timeout(Duration::from_secs(3), reader)
         .await
         .expect("the blocked read wakes on the append")
@@ -72,17 +84,17 @@ async fn workers_use_an_embedded_coordinators_queue_over_grpc() {
 
     // Rank A's successor claims what A left unacknowledged.
     let claimed = queue
-        .claim_stale("job-1", "learners", "rank-a2", Duration::ZERO, 10)
+        .claim_stale(job, "learners", "rank-a2", Duration::ZERO, 10)
         .await
         .unwrap();
     let ids: Vec<_> = claimed.iter().map(|e| e.id).collect();
     assert!(ids.contains(&a[0].id), "{ids:?}");
-    let acknowledged = queue.ack("job-1", "learners", &ids).await.unwrap();
+    let acknowledged = queue.ack(job, "learners", &ids).await.unwrap();
     assert_eq!(acknowledged, ids.len() as u64);
-    assert_eq!(queue.len("job-1").await.unwrap(), 2 - acknowledged);
+    assert_eq!(queue.len(job).await.unwrap(), 2 - acknowledged);
 
     // Bad requests name their fields; nothing changes.
-    let err = queue.append("", Vec::new(), 0).await.unwrap_err();
+    let err = producer.append("", Vec::new(), 0).await.unwrap_err();
     let StoreError::InvalidArgument { message, .. } = &err else {
         panic!("{err:?}");
     };
@@ -90,19 +102,40 @@ async fn workers_use_an_embedded_coordinators_queue_over_grpc() {
         assert!(message.contains(field), "{message}");
     }
 
-    // Client tokens are refused: the queue is for workers.
-    let mut raw =
-        RolloutQueueServiceClient::with_interceptor(channel(&c.url()).await, bearer(ALICE));
-    let status = raw
-        .read(QueueReadRequest {
-            job_id: "job-1".into(),
-            group: "learners".into(),
-            consumer: "snoop".into(),
-            count: 1,
-            block_ms: 0,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    // Each member does only what its role does with its own job: the
+    // actor cannot read, the learner cannot append, and the worker token
+    // (good for Register only) and client tokens can do neither.
+    let read = |token: &str| {
+        let url = c.url();
+        let token = token.to_owned();
+        async move {
+            RolloutQueueServiceClient::with_interceptor(channel(&url).await, bearer(&token))
+                .read(QueueReadRequest {
+                    job_id: job.into(),
+                    group: "learners".into(),
+                    consumer: "snoop".into(),
+                    count: 1,
+                    block_ms: 0,
+                })
+                .await
+                .unwrap_err()
+        }
+    };
+    for (token, code) in [
+        (cluster.token(&actor), Code::FailedPrecondition),
+        (WORKER.to_owned(), Code::PermissionDenied),
+        (ALICE.to_owned(), Code::PermissionDenied),
+    ] {
+        let status = read(&token).await;
+        assert_eq!(status.code(), code, "{status:?}");
+    }
+    let err = queue.append(job, vec![1], 10).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Backend(m) if m.contains("FailedPrecondition")),
+        "{err:?}"
+    );
+    // And only with its own job: another job's queue is closed to it.
+    let other = producer.append("job-of-nobody", vec![1], 10).await;
+    assert!(other.is_err(), "{other:?}");
     c.stop().await;
 }

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use encore_coordinator::member::CoordinatorClient;
 use encore_coordinator::queue::{COORDINATOR_QUEUE_URI, open_queue};
-use encore_proto::v1::cluster_service_client::ClusterServiceClient;
 use encore_proto::v1::job_service_client::JobServiceClient;
 use encore_proto::v1::{
     GetAssignmentRequest, GetJobRequest, HeartbeatRequest, JobState, MetricPoint,
@@ -115,8 +114,7 @@ async fn a_coordinator_killed_mid_job_carries_on_after_a_restart() {
 
     let first = Process::start(&config, port).await;
     let mut jobs = JobServiceClient::with_interceptor(channel(&first.url).await, bearer(ALICE));
-    let mut cluster =
-        ClusterServiceClient::with_interceptor(channel(&first.url).await, bearer(WORKER));
+    let mut cluster = TestCluster::new(channel(&first.url).await);
     let job_id = submit_job(&mut jobs, "restart", 1).await;
     let members = staff(&mut cluster, "1").await;
     let mut watch = jobs
@@ -156,13 +154,14 @@ async fn a_coordinator_killed_mid_job_carries_on_after_a_restart() {
         .await
         .unwrap()
         .into_inner();
+    let members_before = cluster.clone();
     drop((jobs, cluster, watch));
     first.kill();
 
     let second = Process::start(&config, port).await;
     let mut jobs = JobServiceClient::with_interceptor(channel(&second.url).await, bearer(ALICE));
-    let mut cluster =
-        ClusterServiceClient::with_interceptor(channel(&second.url).await, bearer(WORKER));
+    // The members' tokens outlive the coordinator process.
+    let mut cluster = members_before.reconnect(channel(&second.url).await);
     let job = jobs
         .get(GetJobRequest {
             job_id: job_id.clone(),
@@ -241,23 +240,29 @@ async fn on_the_embedded_store_a_restart_keeps_what_a_learner_holds() {
     let dir = tempfile::tempdir().unwrap();
     let store = format!("embedded://{}", dir.path().join("state").display());
     let (config, port) = config_file(dir.path(), &store);
-    let queue_of = |url: &str| {
-        let client = CoordinatorClient::new(url, WORKER, None).unwrap();
+    let first = Process::start(&config, port).await;
+    let mut jobs = JobServiceClient::with_interceptor(channel(&first.url).await, bearer(ALICE));
+    let mut cluster = TestCluster::new(channel(&first.url).await);
+    let (job, [_, learner, actor]) = running_job(&mut jobs, &mut cluster, "held").await;
+    let job = job.as_str();
+    // The actor appends, the learner reads; their member tokens stay good
+    // across the restart.
+    let queue_of = |url: &str, member: &str| {
+        let client = CoordinatorClient::new(url, &cluster.token(member), None).unwrap();
         async move { open_queue(COORDINATOR_QUEUE_URI, &client).await.unwrap() }
     };
-
-    let first = Process::start(&config, port).await;
-    let queue = queue_of(&first.url).await;
+    let producer = queue_of(&first.url, &actor).await;
+    let queue = queue_of(&first.url, &learner).await;
     let mut produced = Vec::new();
     for i in 0..6u8 {
-        match queue.append("job-1", vec![i], 100).await.unwrap() {
+        match producer.append(job, vec![i], 100).await.unwrap() {
             AppendOutcome::Appended(id) => produced.push(id),
             full => panic!("{full:?}"),
         }
     }
     let read = |queue: Arc<dyn Queue>, consumer: &'static str, count| async move {
         let entries = queue
-            .read("job-1", GROUP, consumer, count, Duration::ZERO)
+            .read(job, GROUP, consumer, count, Duration::ZERO)
             .await
             .unwrap();
         entries.iter().map(|e| e.id).collect::<Vec<EntryId>>()
@@ -268,11 +273,11 @@ async fn on_the_embedded_store_a_restart_keeps_what_a_learner_holds() {
     let lost_rank = read(queue.clone(), "rank-1", 1).await;
     assert_eq!(held, produced[..3]);
     assert_eq!(lost_rank, produced[3..4]);
-    drop(queue);
+    drop((queue, producer, jobs));
     first.kill();
 
     let second = Process::start(&config, port).await;
-    let queue = queue_of(&second.url).await;
+    let queue = queue_of(&second.url, &learner).await;
     // Rank 0 reads on: only what nobody has read yet.
     let fresh = read(queue.clone(), "rank-0", 10).await;
     assert_eq!(
@@ -280,28 +285,28 @@ async fn on_the_embedded_store_a_restart_keeps_what_a_learner_holds() {
         produced[4..],
         "entries rank 0 already holds came back"
     );
-    assert_eq!(queue.pending("job-1", GROUP).await.unwrap(), 6);
+    assert_eq!(queue.pending(job, GROUP).await.unwrap(), 6);
     // Its checkpoint written, it acknowledges everything it trained on,
     // and every one of them counts.
     let trained: Vec<EntryId> = held.iter().chain(&fresh).copied().collect();
     assert_eq!(
-        queue.ack("job-1", GROUP, &trained).await.unwrap(),
+        queue.ack(job, GROUP, &trained).await.unwrap(),
         trained.len() as u64
     );
     // Rank 1's successor claims what rank 1 held.
     let claimed: Vec<EntryId> = queue
-        .claim_stale("job-1", GROUP, "rank-1b", Duration::ZERO, 10)
+        .claim_stale(job, GROUP, "rank-1b", Duration::ZERO, 10)
         .await
         .unwrap()
         .iter()
         .map(|e| e.id)
         .collect();
     assert_eq!(claimed, lost_rank);
-    assert_eq!(queue.ack("job-1", GROUP, &claimed).await.unwrap(), 1);
+    assert_eq!(queue.ack(job, GROUP, &claimed).await.unwrap(), 1);
 
     let mut consumed: Vec<EntryId> = trained.into_iter().chain(claimed).collect();
     consumed.sort();
-    let queued = queue.len("job-1").await.unwrap();
+    let queued = queue.len(job).await.unwrap();
     assert_eq!(
         (consumed, queued),
         (produced, 0),

@@ -15,12 +15,13 @@ use encore_coordinator::weights::client::{self, FetchError, PublishData, Publish
 use encore_coordinator::weights::{WeightOptions, Weights};
 use encore_proto::v1::weight_service_client::WeightServiceClient;
 use encore_proto::v1::weight_service_server::WeightServiceServer;
+use encore_proto::v1::{ActorAssignment, Assignment, LearnerAssignment, Role, assignment};
 use encore_proto::v1::{
     FetchRequest, GetManifestRequest, Job, JobEvent, JobState, JobStateChange, ListVersionsRequest,
     Page, PublishHeader, PublishRequest, WatchVersionsRequest, WeightChunk, WeightFormat,
     WeightManifest, fetch_response, job_event, publish_request,
 };
-use encore_store::{Store, SystemClock};
+use encore_store::{Member, Registration, Store, SystemClock};
 use encore_testkit::RedisServer;
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
@@ -123,8 +124,68 @@ impl Harness {
         WeightServiceClient::with_interceptor(channel, bearer)
     }
 
-    async fn worker(&self) -> Client {
+    /// A client with the worker token, which only registers members.
+    async fn registrar(&self) -> Client {
         Self::client_at(self.addr, Some(WORKER)).await
+    }
+
+    /// A client acting as a member of `job_id` with `details` (a learner
+    /// rank or an actor), its record made in the store as Register and the
+    /// reconciler make it (no reconciler runs here to undo it).
+    async fn member(&self, job_id: &str, details: assignment::Details) -> Client {
+        self.member_and_id(job_id, details).await.0
+    }
+
+    /// [`Harness::member`] and the member's id.
+    async fn member_and_id(&self, job_id: &str, details: assignment::Details) -> (Client, String) {
+        let role = match details {
+            assignment::Details::Actor(_) => Role::Actor,
+            assignment::Details::Learner(_) => Role::Learner,
+        };
+        let member_id = format!("{}-{:08x}", role.as_str_name(), rand::random::<u32>());
+        let (token, sha256) = encore_coordinator::auth::member_token(&member_id);
+        let member = Member {
+            member_id: member_id.clone(),
+            role: role as i32,
+            instance_id: member_id.clone(),
+            token_sha256: sha256.to_vec(),
+            ..Member::default()
+        };
+        let Registration::Registered(record) = self
+            .store
+            .register_member(member, Duration::from_secs(600))
+            .await
+            .unwrap()
+        else {
+            panic!("{member_id} registered twice");
+        };
+        let mut assigned = record.member.clone();
+        assigned.assignment = Some(Assignment {
+            member_id,
+            generation: 1,
+            job_id: job_id.into(),
+            details: Some(details),
+            rollout_queue: None,
+        });
+        let id = assigned.member_id.clone();
+        self.store
+            .update_member(assigned, record.revision)
+            .await
+            .unwrap();
+        (Self::client_at(self.addr, Some(&token)).await, id)
+    }
+
+    /// Rank 0 of `job_id`'s learner: the one member that publishes.
+    async fn worker_for(&self, job_id: &str) -> Client {
+        self.learner(job_id, 0).await
+    }
+
+    async fn learner(&self, job_id: &str, rank: u32) -> Client {
+        let details = assignment::Details::Learner(LearnerAssignment {
+            rank,
+            ..LearnerAssignment::default()
+        });
+        self.member(job_id, details).await
     }
 
     async fn client(&self) -> Client {
@@ -355,7 +416,7 @@ async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
 async fn publish_fetch_and_version_rules(backend: Backend) {
     let h = Harness::start(backend, 3).await;
     h.job("j1", JobState::Running).await;
-    let mut worker = h.worker().await;
+    let mut worker = h.worker_for("j1").await;
     let mut reader = h.client().await;
 
     // Not a multiple of the chunk size, so the last chunk is short.
@@ -548,7 +609,7 @@ async fn redis_fetch_cut_off_half_way_resumes_from_its_offset() {
     let h = Harness::start(Backend::Redis, 3).await;
     h.job("big", JobState::Running).await;
     let data = blob(SIZE, 7);
-    let committed = publish(&mut h.worker().await, "big", 0, &data)
+    let committed = publish(&mut h.worker_for("big").await, "big", 0, &data)
         .await
         .unwrap();
     let want = sha(&data);
@@ -623,7 +684,7 @@ async fn a_download_that_cannot_complete_leaves_nothing_at_its_destination() {
     let h = Harness::start(Backend::Embedded, 3).await;
     h.job("j1", JobState::Running).await;
     let data = blob(2 * MIB, 3);
-    publish(&mut h.worker().await, "j1", 0, &data)
+    publish(&mut h.worker_for("j1").await, "j1", 0, &data)
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -651,7 +712,7 @@ async fn a_download_that_cannot_complete_leaves_nothing_at_its_destination() {
 async fn half_published_versions_are_never_visible(backend: Backend) {
     let h = Harness::start(backend, 3).await;
     h.job("j1", JobState::Running).await;
-    let mut worker = h.worker().await;
+    let mut worker = h.worker_for("j1").await;
     let mut reader = h.client().await;
     let data = blob(4 * MIB, 4);
     let messages = publish_messages(header("j1", 0, &data), &data, MIB);
@@ -696,7 +757,7 @@ async fn half_published_versions_are_never_visible(backend: Backend) {
     for message in messages[..3].iter().cloned() {
         tx.send(message).await.unwrap();
     }
-    let mut cancelled = h.worker().await;
+    let mut cancelled = h.worker_for("j1").await;
     let call = tokio::spawn(async move {
         let _keep_open = tx;
         cancelled
@@ -756,7 +817,7 @@ async fn redis_half_published_versions_are_never_visible() {
 async fn gc_keeps_version_zero_and_the_latest_and_never_a_pinned_one(backend: Backend) {
     let h = Harness::start(backend, 2).await;
     h.job("j1", JobState::Running).await;
-    let mut worker = h.worker().await;
+    let mut worker = h.worker_for("j1").await;
     let mut reader = h.client().await;
     // Versions 2 and 5 are read slowly below: they are larger than what the
     // HTTP/2 windows and the server's queue hold, so their streams cannot
@@ -870,7 +931,7 @@ async fn watch(
 async fn watch_follows_versions_until_the_job_ends(backend: Backend) {
     let h = Harness::start(backend, 5).await;
     h.job("j1", JobState::Running).await;
-    let mut worker = h.worker().await;
+    let mut worker = h.worker_for("j1").await;
     let mut reader = h.client().await;
 
     // Nothing yet: a watcher waits for the first version.
@@ -956,7 +1017,7 @@ async fn list_versions_pages_newest_first() {
     let h = Harness::start(Backend::Embedded, 10).await;
     h.job("j1", JobState::Running).await;
     h.job("j2", JobState::Running).await;
-    let mut worker = h.worker().await;
+    let mut worker = h.worker_for("j1").await;
     for v in 0..5u64 {
         publish(&mut worker, "j1", v, &v.to_le_bytes())
             .await
@@ -1019,7 +1080,7 @@ async fn callers_need_the_right_token() {
     let h = Harness::start(Backend::Embedded, 3).await;
     h.job("j1", JobState::Running).await;
     let data = blob(1000, 9);
-    publish(&mut h.worker().await, "j1", 0, &data)
+    publish(&mut h.worker_for("j1").await, "j1", 0, &data)
         .await
         .unwrap();
 
@@ -1073,14 +1134,60 @@ async fn callers_need_the_right_token() {
         .unwrap();
     assert_eq!(fetched, data);
     assert_eq!(list_versions(&mut reader, "j1").await, [0]);
-    // And the worker token reads too.
-    assert_eq!(
-        get_manifest(&mut h.worker().await, "j1", Some(0))
-            .await
-            .unwrap()
-            .total_size_bytes,
-        1000
+    // The job's members read too: its actors and every learner rank.
+    let actor = assignment::Details::Actor(ActorAssignment::default());
+    let (mut actor, actor_id) = h.member_and_id("j1", actor).await;
+    let mut rank_1 = h.learner("j1", 1).await;
+    for member in [&mut actor, &mut rank_1] {
+        assert_eq!(
+            get_manifest(member, "j1", Some(0))
+                .await
+                .unwrap()
+                .total_size_bytes,
+            1000
+        );
+        // But only rank 0 publishes.
+        assert_status(
+            publish(member, "j1", 1, &data).await,
+            Code::FailedPrecondition,
+            "NOT_ASSIGNED",
+        );
+    }
+    // A member of another job neither reads nor publishes this one's.
+    h.job("j2", JobState::Running).await;
+    let mut elsewhere = h.worker_for("j2").await;
+    assert_status(
+        get_manifest(&mut elsewhere, "j1", Some(0)).await,
+        Code::FailedPrecondition,
+        "NOT_ASSIGNED",
     );
+    assert_status(
+        publish(&mut elsewhere, "j1", 1, &data).await,
+        Code::FailedPrecondition,
+        "NOT_ASSIGNED",
+    );
+    // The worker token only registers members.
+    let mut registrar = h.registrar().await;
+    assert_status(
+        get_manifest(&mut registrar, "j1", Some(0)).await,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    assert_status(
+        publish(&mut registrar, "j1", 1, &data).await,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    // A made-up token is refused: for a real member, as not its token; for
+    // a member the store does not have, as a member that is gone.
+    for (member_id, code, reason) in [
+        (actor_id.as_str(), Code::Unauthenticated, "UNAUTHENTICATED"),
+        ("ACTOR-gone", Code::FailedPrecondition, "LEASE_EXPIRED"),
+    ] {
+        let forged = format!("encore-member.{member_id}.{}", "0".repeat(64));
+        let mut forged = Harness::client_at(h.addr, Some(&forged)).await;
+        assert_status(get_manifest(&mut forged, "j1", Some(0)).await, code, reason);
+    }
 }
 
 // ----- malformed requests -----
@@ -1089,7 +1196,7 @@ async fn callers_need_the_right_token() {
 async fn malformed_requests_name_the_offending_field() {
     let h = Harness::start(Backend::Embedded, 3).await;
     h.job("j1", JobState::Running).await;
-    let mut worker = h.worker().await;
+    let mut worker = h.worker_for("j1").await;
     let data = blob(3000, 5);
     let good = || header("j1", 0, &data);
 

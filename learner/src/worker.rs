@@ -133,7 +133,7 @@ impl Learner {
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
             let membership = match Membership::join(
-                self.cluster(),
+                &self.coordinator,
                 Role::Learner,
                 capabilities.clone(),
                 &instance,

@@ -88,13 +88,20 @@ pub struct Config {
     /// (PEM) its certificate chains to. Required for `https://`.
     pub tls: Option<CoordinatorTls>,
     /// The worker token (or `worker_token_file`): presented to the
-    /// coordinator, and required from every RewardService caller (actors
-    /// send theirs) as `authorization: Bearer <token>`. Without one the
-    /// server may only run stand-alone, and then serves anyone. gRPC
-    /// health, reflection and the admin port stay open.
+    /// coordinator to register (the shared worker token, or the
+    /// coordinator's `reward_server_token`), and, unless `caller_token` is
+    /// set, required from every RewardService caller (actors send theirs)
+    /// as `authorization: Bearer <token>`. Without either the server may
+    /// only run stand-alone, and then serves anyone. gRPC health,
+    /// reflection and the admin port stay open.
     pub worker_token: Option<String>,
     /// A file holding the worker token.
     pub worker_token_file: Option<PathBuf>,
+    /// The token RewardService callers must present, when it is not the
+    /// worker token: with one token per role, the actors' token.
+    pub caller_token: Option<String>,
+    /// A file holding the caller token.
+    pub caller_token_file: Option<PathBuf>,
     /// host:port actors reach this server at, as told to the coordinator;
     /// empty means the bound gRPC address (fine on one machine; on
     /// Kubernetes, the pod's DNS name or IP).
@@ -119,6 +126,8 @@ impl Default for Config {
             tls: None,
             worker_token: None,
             worker_token_file: None,
+            caller_token: None,
+            caller_token_file: None,
             advertise: String::new(),
         }
     }
@@ -208,9 +217,22 @@ impl Config {
         Ok(())
     }
 
-    /// The worker token (inline or from its file), if one is configured:
-    /// the token RewardService callers must present.
+    /// The token RewardService callers must present, if one is configured:
+    /// `caller_token`, else the worker token (inline or from their files).
     pub fn caller_token(&self) -> Result<Option<String>> {
+        let caller = encore_config::secret(
+            &format!("{SECTION}.caller_token"),
+            self.caller_token.as_deref(),
+            self.caller_token_file.as_deref(),
+        )
+        .map_err(|e| Error::Config(e.to_string()))?;
+        match caller {
+            Some(token) => Ok(Some(token)),
+            None => self.own_token(),
+        }
+    }
+
+    fn own_token(&self) -> Result<Option<String>> {
         encore_config::secret(
             &format!("{SECTION}.worker_token"),
             self.worker_token.as_deref(),
@@ -222,7 +244,7 @@ impl Config {
     /// The worker token (inline or from its file); an error naming the key
     /// when a coordinator is configured without one.
     pub fn worker_token(&self) -> Result<String> {
-        self.caller_token()?.ok_or_else(|| {
+        self.own_token()?.ok_or_else(|| {
             Error::Config(format!(
                 "{SECTION}.worker_token: required to join the coordinator (or worker_token_file, \
                  or ENCORE_REWARD_SERVER__WORKER_TOKEN)"

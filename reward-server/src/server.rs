@@ -20,9 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::Device;
-use encore_coordinator::auth::{Authenticator, BearerToken};
-use encore_coordinator::member::Membership;
-use encore_proto::v1::cluster_service_client::ClusterServiceClient;
+use encore_coordinator::auth::Authenticator;
+use encore_coordinator::member::{CoordinatorClient, Membership};
 use encore_proto::v1::reward_service_server::RewardServiceServer;
 use encore_proto::v1::{Capabilities, DeviceKind, ModelRef, Resources, Role};
 use encore_proto::v1::{InputConstraints, OutputRange, RewardKind as ProtoKind, RewardModelInfo};
@@ -276,19 +275,14 @@ async fn join_cluster(
     address: String,
     shutdown: CancellationToken,
 ) {
-    let (token, endpoint) = match (
-        config.worker_token(),
-        encore_coordinator::member::endpoint(&config.coordinator, config.tls.as_ref()),
-    ) {
-        (Ok(token), Ok(endpoint)) => (token, endpoint),
-        (Err(e), _) => return tracing::error!(error = %e, "cannot join the coordinator"),
-        (_, Err(e)) => return tracing::error!(error = %e, "cannot join the coordinator"),
+    let coordinator = match config
+        .worker_token()
+        .map_err(|e| e.to_string())
+        .and_then(|token| CoordinatorClient::new(&config.coordinator, &token, config.tls.as_ref()))
+    {
+        Ok(coordinator) => coordinator,
+        Err(e) => return tracing::error!(error = %e, "cannot join the coordinator"),
     };
-    let token = match BearerToken::new(&token) {
-        Ok(token) => token,
-        Err(e) => return tracing::error!(error = %e, "reward_server.worker_token"),
-    };
-    let channel = endpoint.connect_lazy();
     let instance = format!("reward-server-{}-{:08x}", std::process::id(), rand_suffix());
     let capabilities = Capabilities {
         resources: Some(Resources {
@@ -307,9 +301,8 @@ async fn join_cluster(
     };
     let mut backoff = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
-        let cluster = ClusterServiceClient::with_interceptor(channel.clone(), token.clone());
         match Membership::join(
-            cluster,
+            &coordinator,
             Role::RewardServer,
             capabilities.clone(),
             &instance,

@@ -92,7 +92,8 @@ pub trait Store: Send + Sync + Debug {
     /// One job, with its revision; `None` if there is none.
     async fn get_job(&self, job_id: &str) -> Result<Option<StoredJob>>;
 
-    /// Jobs in any of `states` (all when empty), newest first (descending
+    /// Jobs of `owner` (everyone's when `None`) in any of `states` (all
+    /// when empty), newest first (descending
     /// creation order), `page_size` at a time (0 means
     /// [`DEFAULT_PAGE_SIZE`], at most [`MAX_PAGE_SIZE`]). Paging is stable:
     /// jobs created while paging do not shift later pages. A token only
@@ -103,6 +104,7 @@ pub trait Store: Send + Sync + Debug {
     /// fewer jobs than asked although more follow.
     async fn list_jobs(
         &self,
+        owner: Option<&str>,
         states: &[JobState],
         page_size: usize,
         page_token: Option<&str>,

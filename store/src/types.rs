@@ -94,6 +94,11 @@ pub struct Member {
     /// When the member registered.
     #[prost(message, optional, tag = "6")]
     pub register_time: Option<prost_types::Timestamp>,
+    /// SHA-256 of the secret in the member's bearer token (the token itself
+    /// is never stored); empty for a member registered before tokens were
+    /// issued, which then has to register again.
+    #[prost(bytes = "vec", tag = "7")]
+    pub token_sha256: Vec<u8>,
 }
 
 /// A member with its liveness.

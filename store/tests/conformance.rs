@@ -190,44 +190,47 @@ async fn list_pages_newest_first_stably_and_filters_by_state(h: Harness) {
     let ids = |page: &encore_store::JobPage| -> Vec<String> {
         page.jobs.iter().map(|j| j.job.job_id.clone()).collect()
     };
-    let first = store.list_jobs(&[], 3, None).await.unwrap();
+    let first = store.list_jobs(None, &[], 3, None).await.unwrap();
     assert_eq!(ids(&first), ["j7", "j6", "j5"]);
     // A job created while paging does not shift the pages that follow.
     create(&store, "j8", JobState::Pending).await;
     let token = first.next_page_token.clone().expect("more pages");
-    let second = store.list_jobs(&[], 3, Some(&token)).await.unwrap();
+    let second = store.list_jobs(None, &[], 3, Some(&token)).await.unwrap();
     assert_eq!(ids(&second), ["j4", "j3", "j2"]);
     let token = second.next_page_token.clone().expect("more pages");
-    let third = store.list_jobs(&[], 3, Some(&token)).await.unwrap();
+    let third = store.list_jobs(None, &[], 3, Some(&token)).await.unwrap();
     assert_eq!(ids(&third), ["j1"]);
     assert_eq!(third.next_page_token, None);
 
     // The default page holds everything here, newest first.
-    let all = store.list_jobs(&[], 0, None).await.unwrap();
+    let all = store.list_jobs(None, &[], 0, None).await.unwrap();
     assert_eq!(ids(&all), ["j8", "j7", "j6", "j5", "j4", "j3", "j2", "j1"]);
     assert_eq!(all.next_page_token, None);
 
     let running = [JobState::Running];
-    let page = store.list_jobs(&running, 2, None).await.unwrap();
+    let page = store.list_jobs(None, &running, 2, None).await.unwrap();
     assert_eq!(ids(&page), ["j6", "j5"]);
     let token = page.next_page_token.clone().expect("more running jobs");
-    let rest = store.list_jobs(&running, 2, Some(&token)).await.unwrap();
+    let rest = store
+        .list_jobs(None, &running, 2, Some(&token))
+        .await
+        .unwrap();
     assert_eq!(ids(&rest), ["j2"]);
     assert_eq!(rest.next_page_token, None);
 
     let both = store
-        .list_jobs(&[JobState::Running, JobState::Pending], 100, None)
+        .list_jobs(None, &[JobState::Running, JobState::Pending], 100, None)
         .await
         .unwrap();
     assert_eq!(both.jobs.len(), 8);
     let none = store
-        .list_jobs(&[JobState::Failed], 10, None)
+        .list_jobs(None, &[JobState::Failed], 10, None)
         .await
         .unwrap();
     assert!(none.jobs.is_empty() && none.next_page_token.is_none());
 
     // A token only works with the filter it was issued for.
-    let wrong = store.list_jobs(&[], 2, Some(&token)).await;
+    let wrong = store.list_jobs(None, &[], 2, Some(&token)).await;
     assert!(
         matches!(
             wrong,
@@ -238,11 +241,49 @@ async fn list_pages_newest_first_stably_and_filters_by_state(h: Harness) {
         ),
         "{wrong:?}"
     );
-    let garbage = store.list_jobs(&[], 2, Some("not-a-token")).await;
+    let garbage = store.list_jobs(None, &[], 2, Some("not-a-token")).await;
     assert!(matches!(garbage, Err(StoreError::InvalidArgument { .. })));
 
+    // By owner: bob's jobs lie between and below many of OWNER's, and pages
+    // of his hold only his, as many as asked while more follow.
+    for i in 1..=5 {
+        let outcome = store
+            .create_job(job(&format!("b{i}"), JobState::Pending), "bob", None)
+            .await
+            .unwrap();
+        assert!(matches!(outcome, CreateOutcome::Created(_)), "{outcome:?}");
+        create(&store, &format!("o{i}"), JobState::Pending).await;
+        create(&store, &format!("p{i}"), JobState::Pending).await;
+    }
+    let mut bobs = Vec::new();
+    let mut token = None;
+    loop {
+        let page = store
+            .list_jobs(Some("bob"), &[], 2, token.as_deref())
+            .await
+            .unwrap();
+        let more = page.next_page_token.is_some();
+        assert!(page.jobs.len() == 2 || !more, "a short page before the end");
+        assert!(page.jobs.iter().all(|j| j.owner == "bob"));
+        bobs.extend(ids(&page));
+        token = page.next_page_token;
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(bobs, ["b5", "b4", "b3", "b2", "b1"]);
+    let running_of_bob = store
+        .list_jobs(Some("bob"), &running, 10, None)
+        .await
+        .unwrap();
+    assert!(running_of_bob.jobs.is_empty());
+    let nobodys = store.list_jobs(Some("nobody"), &[], 3, None).await.unwrap();
+    assert!(nobodys.jobs.is_empty() && nobodys.next_page_token.is_none());
+    let owners = store.list_jobs(Some(OWNER), &[], 0, None).await.unwrap();
+    assert_eq!(owners.jobs.len(), 8 + 10);
+
     let counts = store.count_jobs_by_state().await.unwrap();
-    assert_eq!(counts[&JobState::Pending], 5);
+    assert_eq!(counts[&JobState::Pending], 5 + 15);
     assert_eq!(counts[&JobState::Running], 3);
     assert_eq!(counts[&JobState::Succeeded], 0);
     assert_eq!(counts.len(), 5);
@@ -388,7 +429,7 @@ async fn every_state_move_survives_a_restart(mut h: Harness) {
         .unwrap();
     assert!(matches!(retry, CreateOutcome::Existing(ref j) if j.job.job_id == "j1"));
     create(&store, "j3", JobState::Pending).await;
-    let page = store.list_jobs(&[], 10, None).await.unwrap();
+    let page = store.list_jobs(None, &[], 10, None).await.unwrap();
     let ids: Vec<&str> = page.jobs.iter().map(|j| j.job.job_id.as_str()).collect();
     assert_eq!(ids, ["j3", "j2", "j1"]);
     assert_eq!(store.active_jobs_of(OWNER).await.unwrap(), 2);

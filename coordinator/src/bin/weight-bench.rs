@@ -34,8 +34,11 @@ use encore_coordinator::weights::{
 };
 use encore_proto::v1::weight_service_client::WeightServiceClient;
 use encore_proto::v1::weight_service_server::WeightServiceServer;
-use encore_proto::v1::{FetchRequest, Job, JobState, PublishHeader, WeightFormat, fetch_response};
-use encore_store::SystemClock;
+use encore_proto::v1::{
+    Assignment, FetchRequest, Job, JobState, LearnerAssignment, PublishHeader, Role, WeightFormat,
+    assignment, fetch_response,
+};
+use encore_store::{Member, Registration, SystemClock};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -48,6 +51,7 @@ use tonic::transport::{Channel, Endpoint, Server};
 
 const WORKER_TOKEN: &str = "bench-worker-token";
 const JOB: &str = "bench";
+const MEMBER: &str = "learner-bench";
 
 /// Measures WeightService throughput on loopback against plain TCP.
 #[derive(Parser)]
@@ -131,10 +135,10 @@ async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
     let sha256 = hex::encode(Sha256::digest(&data[..]));
 
     let h2 = H2::of(args);
-    let (addr, shutdown) = start_service(dir, h2).await?;
+    let (addr, token, shutdown) = start_service(dir, h2).await?;
     let mut rows = Vec::new();
 
-    let mut publisher = connect(addr, h2).await?;
+    let mut publisher = connect(addr, h2, &token).await?;
     let header = PublishHeader {
         job_id: JOB.into(),
         version: 0,
@@ -163,12 +167,12 @@ async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
     });
 
     for &n in &args.fetchers {
-        rows.push(fetch_row(addr, h2, n, size as u64).await?);
+        rows.push(fetch_row(addr, h2, &token, n, size as u64).await?);
     }
 
     let file_dir = dir.join("fetched");
     std::fs::create_dir_all(&file_dir)?;
-    let mut fetcher = connect(addr, h2).await?;
+    let mut fetcher = connect(addr, h2, &token).await?;
     let started = Instant::now();
     let manifest = client::fetch_to_file(&mut fetcher, JOB, Some(0), &file_dir.join("w"), 3)
         .await
@@ -225,11 +229,13 @@ async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the service over an embedded store in `dir`.
+/// Starts the service over an embedded store in `dir`, with one member:
+/// rank 0 of the job's learner, which publishes and fetches. Returns its
+/// address, the member's token and the service's shutdown.
 async fn start_service(
     dir: &std::path::Path,
     h2: H2,
-) -> anyhow::Result<(SocketAddr, CancellationToken)> {
+) -> anyhow::Result<(SocketAddr, String, CancellationToken)> {
     let store_uri = format!("embedded://{}", dir.join("store").display());
     let store = encore_store::open(&store_uri, Arc::new(SystemClock)).await?;
     let job = Job {
@@ -238,6 +244,29 @@ async fn start_service(
         ..Default::default()
     };
     let _ = store.create_job(job, "bench", None).await?;
+    let (token, sha256) = encore_coordinator::auth::member_token(MEMBER);
+    let member = Member {
+        member_id: MEMBER.into(),
+        role: Role::Learner as i32,
+        instance_id: MEMBER.into(),
+        token_sha256: sha256.to_vec(),
+        ..Member::default()
+    };
+    let Registration::Registered(record) = store
+        .register_member(member, Duration::from_secs(24 * 3600))
+        .await?
+    else {
+        bail!("the bench's store already had a member");
+    };
+    let mut assigned = record.member;
+    assigned.assignment = Some(Assignment {
+        member_id: MEMBER.into(),
+        generation: 1,
+        job_id: JOB.into(),
+        details: Some(assignment::Details::Learner(LearnerAssignment::default())),
+        rollout_queue: None,
+    });
+    store.update_member(assigned, record.revision).await?;
     let metrics = Metrics::new(&prometheus::Registry::new())?;
     let shutdown = CancellationToken::new();
     let weights = Weights::new(
@@ -261,17 +290,17 @@ async fn start_service(
                 shutdown.clone().cancelled_owned(),
             ),
     );
-    Ok((addr, shutdown))
+    Ok((addr, token, shutdown))
 }
 
-async fn connect(addr: SocketAddr, h2: H2) -> anyhow::Result<Client> {
+async fn connect(addr: SocketAddr, h2: H2, token: &str) -> anyhow::Result<Client> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))?
         .initial_stream_window_size(h2.stream_window)
         .initial_connection_window_size(h2.connection_window)
         .max_frame_size(h2.max_frame)
         .connect()
         .await?;
-    let token = format!("Bearer {WORKER_TOKEN}").parse()?;
+    let token = format!("Bearer {token}").parse()?;
     Ok(WeightServiceClient::with_interceptor(
         channel,
         Bearer(token),
@@ -279,10 +308,16 @@ async fn connect(addr: SocketAddr, h2: H2) -> anyhow::Result<Client> {
 }
 
 /// `n` fetchers at once, each on its own connection, counting bytes.
-async fn fetch_row(addr: SocketAddr, h2: H2, n: usize, size: u64) -> anyhow::Result<Row> {
+async fn fetch_row(
+    addr: SocketAddr,
+    h2: H2,
+    token: &str,
+    n: usize,
+    size: u64,
+) -> anyhow::Result<Row> {
     let mut clients = Vec::new();
     for _ in 0..n {
-        clients.push(connect(addr, h2).await?);
+        clients.push(connect(addr, h2, token).await?);
     }
     let started = Instant::now();
     let tasks: Vec<_> = clients

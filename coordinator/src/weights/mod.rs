@@ -15,8 +15,9 @@
 //! never visible. Garbage collection (`gc.rs`) keeps version 0 and the
 //! latest versions and never deletes what a reader is fetching.
 //!
-//! Workers read any job's weights; a client reads only the weights of its
-//! own jobs ([`crate::auth::require_owner`]).
+//! Only rank 0 of a job's learner publishes its weights; the job's actors and
+//! learner ranks read them ([`crate::auth::require_member_right`]), and so
+//! does the client that submitted it ([`crate::auth::require_owner`]).
 //!
 //! - `service.rs`: the tonic `WeightService` implementation and the small
 //!   rpcs (GetManifest, ListVersions).
@@ -174,13 +175,22 @@ impl Weights {
         })
     }
 
-    /// Passes a worker at once, and a client if it submitted `job_id`
-    /// (PERMISSION_DENIED if another client did, JOB_NOT_FOUND if nobody
-    /// did).
+    /// Passes a member assigned to `job_id` (an actor or learner rank), and
+    /// a client if it submitted `job_id` (PERMISSION_DENIED if another
+    /// client did, JOB_NOT_FOUND if nobody did).
     async fn require_reader(&self, caller: &crate::auth::Caller, job_id: &str) -> Result<()> {
         match caller {
-            crate::auth::Caller::Worker => Ok(()),
-            client => crate::auth::require_owner(client, &self.require_job(job_id).await?),
+            crate::auth::Caller::Client(_) => {
+                crate::auth::require_owner(caller, &self.require_job(job_id).await?)
+            }
+            _ => crate::auth::require_member_right(
+                &*self.inner.store,
+                caller,
+                job_id,
+                crate::auth::JobRight::ReadWeights,
+            )
+            .await
+            .map(drop),
         }
     }
 

@@ -34,7 +34,7 @@ impl Weights {
         &self,
         request: Request<Streaming<PublishRequest>>,
     ) -> Result<WeightManifest> {
-        crate::auth::require_worker(&request)?;
+        let caller = crate::auth::require_any(&request)?;
         let mut stream = request.into_inner();
         let header = match self.next_message(&mut stream).await? {
             Some(PublishRequest {
@@ -59,6 +59,15 @@ impl Weights {
             .record("version", header.version);
 
         refuse_terminal(&self.require_job(&header.job_id).await?)?;
+        let publisher = crate::auth::require_member_right(
+            &*self.inner.store,
+            &caller,
+            &header.job_id,
+            crate::auth::JobRight::Publish,
+        )
+        .await?
+        .member
+        .member_id;
         if let Some(committed) = self.check_version(&header).await? {
             tracing::info!("version already committed with this sha256; nothing to do");
             return Ok(committed);
@@ -68,7 +77,7 @@ impl Weights {
         // commit between the rename and the store (see the module doc).
         let weights = self.clone();
         let path = spooled.file.path().display().to_string();
-        let commit = tokio::spawn(async move { weights.commit(header, spooled).await });
+        let commit = tokio::spawn(async move { weights.commit(header, publisher, spooled).await });
         // The task is never aborted; a join error means it panicked.
         commit.await.map_err(|e| Error::Blob {
             path,
@@ -169,7 +178,12 @@ impl Weights {
     }
 
     /// Renames the verified file into place and commits its manifest.
-    async fn commit(&self, header: PublishHeader, spooled: Spooled) -> Result<WeightManifest> {
+    async fn commit(
+        &self,
+        header: PublishHeader,
+        publisher_id: String,
+        spooled: Spooled,
+    ) -> Result<WeightManifest> {
         let inner = &self.inner;
         let final_path = inner
             .blobs
@@ -185,8 +199,7 @@ impl Weights {
             model_config_json: header.model_config_json.clone(),
             step: header.step,
             stage: header.stage.clone(),
-            // The Publish stream does not say which learner rank sends it.
-            publisher_id: String::new(),
+            publisher_id,
             commit_time: Some(prost_types::Timestamp::from(inner.store.now())),
         };
 

@@ -5,9 +5,10 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of this.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use encore_coordinator::Config;
@@ -17,11 +18,15 @@ use encore_coordinator::server::{Coordinator, RunningCoordinator};
 use encore_proto::v1::cluster_service_client::ClusterServiceClient;
 use encore_proto::v1::job_service_client::JobServiceClient;
 use encore_proto::v1::{
-    Algorithm, Capabilities, JobResources, JobSpec, ModelRef, Prompt, PromptList, PromptSource,
-    RegisterRequest, Resources, RewardConfig, Role, SamplingParams, StopCondition,
-    SubmitJobRequest, prompt_source,
+    Algorithm, Assignment, Capabilities, DeregisterRequest, DeregisterResponse,
+    GetAssignmentRequest, HeartbeatRequest, HeartbeatResponse, JobResources, JobSpec, JobState,
+    ModelRef, Prompt, PromptList, PromptSource, RegisterRequest, RegisterResponse,
+    ReportProgressRequest, ReportProgressResponse, Resources, RewardConfig, Role, SamplingParams,
+    StopCondition, SubmitJobRequest, WatchAssignmentRequest, WatchJobRequest, job_event,
+    prompt_source,
 };
 use encore_store::{Store, SystemClock};
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -81,15 +86,128 @@ impl TestCoordinator {
         JobServiceClient::with_interceptor(channel(&self.url()).await, bearer(token))
     }
 
-    /// A ClusterService client with the worker token.
-    pub async fn cluster(&self) -> ClusterClient {
-        ClusterServiceClient::with_interceptor(channel(&self.url()).await, bearer(WORKER))
+    /// A ClusterService client that registers with the worker token and
+    /// acts for each member with its member token.
+    pub async fn cluster(&self) -> TestCluster {
+        TestCluster::new(channel(&self.url()).await)
     }
 
     /// Shuts it down and waits.
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.running.wait().await.expect("clean shutdown");
+    }
+}
+
+/// ClusterService as the members of a test see it: Register goes out with
+/// the worker token, and every call about a member with the token Register
+/// gave that member (a made-up one for a member it never registered, which
+/// the coordinator treats as a member that is gone).
+#[derive(Clone)]
+pub struct TestCluster {
+    channel: Channel,
+    tokens: Arc<Mutex<HashMap<String, String>>>,
+}
+
+impl TestCluster {
+    /// Over `channel`.
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            channel,
+            tokens: Arc::default(),
+        }
+    }
+
+    /// The same members over another channel (a restarted coordinator).
+    pub fn reconnect(&self, channel: Channel) -> Self {
+        Self {
+            channel,
+            tokens: self.tokens.clone(),
+        }
+    }
+
+    /// A plain client sending `token`.
+    pub fn with_token(&self, token: &str) -> ClusterClient {
+        ClusterServiceClient::with_interceptor(self.channel.clone(), bearer(token))
+    }
+
+    /// The token of `member_id`: the last one Register gave it, or a
+    /// well-formed one nobody was given.
+    pub fn token(&self, member_id: &str) -> String {
+        self.tokens
+            .lock()
+            .unwrap()
+            .get(member_id)
+            .cloned()
+            .unwrap_or_else(|| format!("encore-member.{member_id}.{}", "0".repeat(64)))
+    }
+
+    fn member(&self, member_id: &str) -> ClusterClient {
+        // A member id no header can carry (a fuzzed one) gets a token for
+        // another member, which the coordinator refuses as such.
+        let token = BearerToken::new(&self.token(member_id))
+            .unwrap_or_else(|_| bearer(&format!("encore-member.x.{}", "0".repeat(64))));
+        ClusterServiceClient::with_interceptor(self.channel.clone(), token)
+    }
+
+    /// Register, with the worker token; remembers the member's token.
+    pub async fn register(
+        &mut self,
+        request: RegisterRequest,
+    ) -> Result<tonic::Response<RegisterResponse>, tonic::Status> {
+        let response = self.with_token(WORKER).register(request).await?;
+        let r = response.get_ref();
+        self.tokens
+            .lock()
+            .unwrap()
+            .insert(r.member_id.clone(), r.member_token.clone());
+        Ok(response)
+    }
+
+    /// Heartbeat, as the member.
+    pub async fn heartbeat(
+        &mut self,
+        request: HeartbeatRequest,
+    ) -> Result<tonic::Response<HeartbeatResponse>, tonic::Status> {
+        self.member(&request.member_id).heartbeat(request).await
+    }
+
+    /// GetAssignment, as the member.
+    pub async fn get_assignment(
+        &mut self,
+        request: GetAssignmentRequest,
+    ) -> Result<tonic::Response<Assignment>, tonic::Status> {
+        self.member(&request.member_id)
+            .get_assignment(request)
+            .await
+    }
+
+    /// WatchAssignment, as the member.
+    pub async fn watch_assignment(
+        &mut self,
+        request: WatchAssignmentRequest,
+    ) -> Result<tonic::Response<tonic::Streaming<Assignment>>, tonic::Status> {
+        self.member(&request.member_id)
+            .watch_assignment(request)
+            .await
+    }
+
+    /// Deregister, as the member.
+    pub async fn deregister(
+        &mut self,
+        request: DeregisterRequest,
+    ) -> Result<tonic::Response<DeregisterResponse>, tonic::Status> {
+        self.member(&request.member_id).deregister(request).await
+    }
+
+    /// ReportProgress, as the member.
+    pub async fn report_progress(
+        &mut self,
+        request: ReportProgressRequest,
+    ) -> Result<tonic::Response<ReportProgressResponse>, tonic::Status> {
+        self.member(&request.member_id)
+            .report_progress(request)
+            .await
     }
 }
 
@@ -228,7 +346,7 @@ pub async fn submit_job(jobs: &mut JobClient, key: &str, actors: u32) -> String 
 
 /// Registers a reward server hosting "quality", a learner and one actor:
 /// what `spec(1)` needs to run. Returns their member ids in that order.
-pub async fn staff(cluster: &mut ClusterClient, suffix: &str) -> [String; 3] {
+pub async fn staff(cluster: &mut TestCluster, suffix: &str) -> [String; 3] {
     let mut ids = Vec::new();
     for role in [Role::RewardServer, Role::Learner, Role::Actor] {
         let instance = format!(
@@ -242,4 +360,42 @@ pub async fn staff(cluster: &mut ClusterClient, suffix: &str) -> [String; 3] {
         ids.push(r.into_inner().member_id);
     }
     ids.try_into().expect("three members")
+}
+
+/// Waits (at most [`PATIENCE`]) until the job is in `state`.
+pub async fn wait_for_state(jobs: &mut JobClient, job_id: &str, state: JobState) {
+    let mut events = jobs
+        .watch(WatchJobRequest {
+            job_id: job_id.into(),
+            after_sequence: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let reached = async {
+        while let Some(event) = events.next().await {
+            match event.unwrap().event {
+                Some(job_event::Event::Snapshot(job)) if job.state == state as i32 => return,
+                Some(job_event::Event::StateChange(c)) if c.state == state as i32 => return,
+                _ => {}
+            }
+        }
+        panic!("the watch ended before {state:?}");
+    };
+    tokio::time::timeout(PATIENCE, reached)
+        .await
+        .expect("job state reached in time");
+}
+
+/// Submits a job for alice and staffs it (see [`staff`]); returns when it
+/// runs, with the ids of its reward server, learner rank and actor.
+pub async fn running_job(
+    jobs: &mut JobClient,
+    cluster: &mut TestCluster,
+    key: &str,
+) -> (String, [String; 3]) {
+    let job_id = submit_job(jobs, key, 1).await;
+    let members = staff(cluster, key).await;
+    wait_for_state(jobs, &job_id, JobState::Running).await;
+    (job_id, members)
 }

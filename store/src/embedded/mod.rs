@@ -423,6 +423,7 @@ impl Store for EmbeddedStore {
 
     async fn list_jobs(
         &self,
+        owner: Option<&str>,
         states: &[JobState],
         page_size: usize,
         page_token: Option<&str>,
@@ -437,7 +438,9 @@ impl Store for EmbeddedStore {
                 let Some(entry) = state.jobs.get(job_id) else {
                     continue;
                 };
-                if !state_matches(states, entry.job.state) {
+                if !state_matches(states, entry.job.state)
+                    || owner.is_some_and(|o| o != entry.owner)
+                {
                     continue;
                 }
                 if jobs.len() == size {

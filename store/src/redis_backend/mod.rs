@@ -621,13 +621,13 @@ impl Store for RedisStore {
 
     async fn list_jobs(
         &self,
+        owner: Option<&str>,
         states: &[JobState],
         page_size: usize,
         page_token: Option<&str>,
     ) -> Result<JobPage> {
         let below = decode_page_token(page_token, states)?;
         let size = effective_page_size(page_size);
-        let max = below.map_or_else(|| "+inf".to_owned(), |seq| format!("({seq}"));
         let sources: Vec<String> = if states.is_empty() {
             vec![self.keys.jobs()]
         } else {
@@ -637,36 +637,39 @@ impl Store for RedisStore {
                 .map(|s| self.keys.jobs_by_state(s))
                 .collect()
         };
-        let mut candidates: Vec<(u64, String)> = Vec::new();
-        for source in &sources {
-            let found: Vec<(String, f64)> = self
-                .query(
-                    redis::cmd("ZREVRANGEBYSCORE")
-                        .arg(source)
-                        .arg(&max)
-                        .arg("-inf")
-                        .arg("WITHSCORES")
-                        .arg("LIMIT")
-                        .arg(0)
-                        .arg(size + 1),
-                )
-                .await?;
-            // Creation sequences are integers well below 2^53.
-            candidates.extend(found.into_iter().map(|(id, score)| (score as u64, id)));
-        }
-        candidates.sort_by(|a, b| b.cmp(a));
-        candidates.dedup();
-        let more = candidates.len() > size;
-        candidates.truncate(size);
-        let next_page_token = more
-            .then(|| {
-                candidates
-                    .last()
-                    .map(|(seq, _)| encode_page_token(*seq, states))
-            })
-            .flatten();
+        // Candidates come newest first, a batch at a time, until a page is
+        // full or none are left; the owner filter may skip many of them.
+        let mut max = below.map_or_else(|| "+inf".to_owned(), |seq| format!("({seq}"));
         let mut jobs = Vec::new();
-        if !candidates.is_empty() {
+        let mut last_seq = 0;
+        loop {
+            let mut candidates: Vec<(u64, String)> = Vec::new();
+            for source in &sources {
+                let found: Vec<(String, f64)> = self
+                    .query(
+                        redis::cmd("ZREVRANGEBYSCORE")
+                            .arg(source)
+                            .arg(&max)
+                            .arg("-inf")
+                            .arg("WITHSCORES")
+                            .arg("LIMIT")
+                            .arg(0)
+                            .arg(size + 1),
+                    )
+                    .await?;
+                // Creation sequences are integers well below 2^53.
+                candidates.extend(found.into_iter().map(|(id, score)| (score as u64, id)));
+            }
+            candidates.sort_by(|a, b| b.cmp(a));
+            candidates.dedup();
+            let exhausted = candidates.len() <= size;
+            candidates.truncate(size + 1);
+            if candidates.is_empty() {
+                return Ok(JobPage {
+                    jobs,
+                    next_page_token: None,
+                });
+            }
             let mut pipe = redis::pipe();
             for (_, id) in &candidates {
                 pipe.cmd("HMGET")
@@ -674,19 +677,34 @@ impl Store for RedisStore {
                     .arg(&["data", "rev", "owner"]);
             }
             let replies: Vec<Value> = pipe.query_async(&mut self.conn()).await?;
-            for ((_, id), reply) in candidates.iter().zip(replies) {
+            for ((seq, id), reply) in candidates.iter().zip(replies) {
                 let key = self.keys.job(id);
-                if let Some(stored) = stored_job(&array(reply, &key)?, &key)?
-                    && state_matches(states, stored.job.state)
+                let Some(stored) = stored_job(&array(reply, &key)?, &key)? else {
+                    continue;
+                };
+                if !state_matches(states, stored.job.state)
+                    || owner.is_some_and(|o| o != stored.owner)
                 {
-                    jobs.push(stored);
+                    continue;
                 }
+                if jobs.len() == size {
+                    return Ok(JobPage {
+                        jobs,
+                        next_page_token: Some(encode_page_token(last_seq, states)),
+                    });
+                }
+                jobs.push(stored);
+                last_seq = *seq;
             }
+            if exhausted {
+                return Ok(JobPage {
+                    jobs,
+                    next_page_token: None,
+                });
+            }
+            let oldest = candidates.last().map_or(0, |(seq, _)| *seq);
+            max = format!("({oldest}");
         }
-        Ok(JobPage {
-            jobs,
-            next_page_token,
-        })
     }
 
     async fn update_job(

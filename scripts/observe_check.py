@@ -365,9 +365,9 @@ def main():
         # 2. The cluster.
         secrets_dir = work / "etc/encore/secrets"
         secrets_dir.mkdir(parents=True)
-        worker_token = secrets.token_hex(16)
+        for role in ("actor", "learner", "reward-server"):
+            (secrets_dir / f"{role}-token").write_text(secrets.token_hex(16) + "\n")
         client_token = secrets.token_hex(16)
-        (secrets_dir / "worker-token").write_text(worker_token + "\n")
         (secrets_dir / "client-tokens").write_text(f"observe:{client_token}\n")
         redis_port = free_port()
         processes["redis"] = Process(

@@ -66,7 +66,7 @@ records = [json.loads(line) for line in open(sys.argv[1])]
 assert len(records) == 1, records
 r = records[0]
 assert r["choice"] == "b", r["choice"]
-assert r["rater"].startswith("web-"), r["rater"]
+assert r["rater"].startswith("r1."), r["rater"]  # a session the service issued
 assert len(r["a"]["tokens"]) > 0 and len(r["b"]["tokens"]) > 0
 print(f"export: 1 comparison, choice b, rater {r['rater']}, prompt {r['caption']!r}")
 PY

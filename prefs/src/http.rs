@@ -5,13 +5,14 @@
 //! | --- | --- |
 //! | `GET /` | the page (one HTML file, no build step) |
 //! | `GET /api/suggestions` | prompts to offer, as a JSON array |
+//! | `POST /api/session` | a new rater session: `{"rater_id"}`, the id every later call sends |
 //! | `POST /api/pair` | `{"prompt", "rater_id"}` → a pair: `{"prompt", "a": {"clip_id", "policy", "policy_version", "audio_path"}, "b": ...}` |
 //! | `POST /api/comparisons` | `{"comparisons": [{"client_key", "rater_id", "clip_a", "clip_b", "choice": "A"\|"B"\|"NEITHER", "rating_a", "rating_b"}]}` → `{"results": [{"record", "stored"}]}` |
 //! | `GET /clips/{clip_id}.wav` | a served clip as `audio/wav` |
 //!
 //! Errors answer with the gRPC status's HTTP counterpart (400 for invalid
-//! fields, 404 for an unknown clip, 429 with `Retry-After` for a rater over
-//! its rate) and a JSON body `{"code", "message", "fields"}`.
+//! fields, 401 for a rater id the service did not issue, 404 for an unknown
+//! clip, 429 with `Retry-After` for a rater over its rate) and a JSON body `{"code", "message", "fields"}`.
 
 use std::sync::Arc;
 
@@ -32,10 +33,22 @@ pub fn router(service: Arc<Preferences>) -> axum::Router {
     axum::Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .route("/api/suggestions", get(suggestions))
+        .route("/api/session", post(session))
         .route("/api/pair", post(pair))
         .route("/api/comparisons", post(comparisons))
         .route("/clips/{file}", get(clip))
         .with_state(service)
+}
+
+#[derive(Debug, Serialize)]
+struct SessionJson {
+    rater_id: String,
+}
+
+async fn session(State(service): State<Arc<Preferences>>) -> Result<Json<SessionJson>, ApiError> {
+    Ok(Json(SessionJson {
+        rater_id: service.start_session()?,
+    }))
 }
 
 async fn suggestions(State(service): State<Arc<Preferences>>) -> Json<Vec<String>> {
@@ -227,6 +240,12 @@ impl IntoResponse for ApiError {
             Error::UnknownClip { field, .. } => (
                 StatusCode::NOT_FOUND,
                 "NOT_FOUND",
+                vec![field.clone()],
+                None,
+            ),
+            Error::UnknownRater { field } => (
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHENTICATED",
                 vec![field.clone()],
                 None,
             ),

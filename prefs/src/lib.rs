@@ -6,9 +6,11 @@
 //! a comparison can name it and the stored record holds it in full. The
 //! listener's choice comes back as a comparison
 //! ([`Preferences::submit`]); comparisons are validated whole, rate-limited
-//! per rater and over all raters together (`limits.rs`: rater ids are not
-//! authenticated, so the per-rater limits alone would not hold), and
-//! stored durably and once per rater and client key.
+//! per rater and over all raters together (`limits.rs`), and stored durably
+//! and once per rater and client key. Rater ids are the service's own: a
+//! listener starts a session ([`Preferences::start_session`]) and every
+//! call carries the signed id it got (`sessions.rs`), so that nobody can
+//! make up raters to escape the per-rater limits.
 //! `encore.v1.PreferenceService` ([`PreferenceServer`]) exposes both calls
 //! over gRPC; the HTTP page and API map onto the same two calls.
 
@@ -16,6 +18,7 @@ pub mod export;
 pub mod http;
 mod limits;
 pub mod server;
+mod sessions;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,12 +29,14 @@ use encore_model::{Policy, SamplingParams};
 use encore_proto::status::{Violations, status};
 use encore_proto::v1::preference_service_server::PreferenceService;
 use encore_proto::v1::{
-    Choice, Clip, ClipPair, Comparison, ErrorReason, GetPairRequest, StoredComparison,
-    SubmitComparisonsRequest, SubmitComparisonsResponse, SubmittedComparison,
+    Choice, Clip, ClipPair, Comparison, ErrorReason, GetPairRequest, RaterSession,
+    StartSessionRequest, StoredComparison, SubmitComparisonsRequest, SubmitComparisonsResponse,
+    SubmittedComparison,
 };
 use encore_store::{RecordPut, Store, StoreError};
-use limits::RaterLimits;
+use limits::{GlobalLimit, RaterLimits};
 use prost::Message;
+use sessions::Sessions;
 use tonic::{Code, Request, Response, Status};
 
 /// A policy the service generates clips with.
@@ -79,6 +84,8 @@ pub struct Limits {
     /// Most raters the per-rater limits track at once; a new rater beyond
     /// it waits until one has been idle for a minute.
     pub max_raters: usize,
+    /// Rater sessions all callers together may start per minute.
+    pub sessions_per_minute: u32,
 }
 
 impl Default for Limits {
@@ -94,6 +101,7 @@ impl Default for Limits {
             all_pairs_per_minute: 600,
             all_comparisons_per_minute: 2400,
             max_raters: 10_000,
+            sessions_per_minute: 120,
         }
     }
 }
@@ -111,6 +119,15 @@ pub enum Error {
         field: String,
         /// The id.
         clip_id: String,
+    },
+    /// A rater id this service did not issue.
+    #[error(
+        "{field}: not a rater id this service issued; start a session \
+         (PreferenceService.StartSession, or POST /api/session) and send the id it returns"
+    )]
+    UnknownRater {
+        /// The field holding it.
+        field: String,
     },
     /// A rater over its rate, all raters together over theirs, or a new
     /// rater while the most raters are tracked ([`limits`]).
@@ -144,6 +161,7 @@ impl Error {
         match self {
             Error::Invalid(_) => Code::InvalidArgument,
             Error::UnknownClip { .. } => Code::NotFound,
+            Error::UnknownRater { .. } => Code::Unauthenticated,
             Error::RateLimited { .. } => Code::ResourceExhausted,
             Error::Store(_) => Code::Unavailable,
             Error::Model(_) | Error::Decode(_) | Error::Codec(_) | Error::Export(_) => {
@@ -163,6 +181,13 @@ impl From<Error> for Status {
                 message,
                 ErrorReason::UnknownClip,
                 &[("field", field), ("clip_id", clip_id)],
+                None,
+            ),
+            Error::UnknownRater { field } => status(
+                Code::Unauthenticated,
+                message,
+                ErrorReason::Unauthenticated,
+                &[("field", field)],
                 None,
             ),
             Error::RateLimited { retry_after, .. } => status(
@@ -193,6 +218,8 @@ pub struct Preferences {
     suggestions: Vec<String>,
     pairs: RaterLimits,
     comparisons: RaterLimits,
+    sessions: Sessions,
+    new_sessions: GlobalLimit,
     next_seed: AtomicU64,
 }
 
@@ -230,6 +257,8 @@ impl Preferences {
                 limits.all_comparisons_per_minute,
                 limits.max_raters,
             ),
+            sessions: Sessions::ephemeral(),
+            new_sessions: GlobalLimit::new("new rater sessions", limits.sessions_per_minute),
             limits,
             device: Device::Cpu,
             suggestions: encore_corpus::eval_prompts(7, frames, SUGGESTIONS)
@@ -238,6 +267,23 @@ impl Preferences {
                 .collect(),
             next_seed: AtomicU64::new(rand::random()),
         }
+    }
+
+    /// Signs rater ids with `key` (at least 16 bytes) instead of a key
+    /// drawn at start-up, so that sessions outlive the process and hold on
+    /// every replica that shares the key.
+    pub fn with_rater_key(mut self, key: Vec<u8>) -> Result<Self, String> {
+        self.sessions = Sessions::new(key)?;
+        Ok(self)
+    }
+
+    /// A new rater session: the rater id to send with every call.
+    pub fn start_session(&self) -> Result<String, Error> {
+        let answer = self.new_sessions.check().map(|()| self.sessions.start());
+        if let Err(e) = &answer {
+            self.refused("StartSession", e);
+        }
+        answer
     }
 
     /// Records the service's metrics on `registry` (see [`Metrics`]).
@@ -312,6 +358,7 @@ impl Preferences {
             );
         }
         bad.into_result().map_err(Error::Invalid)?;
+        self.sessions.verify("rater_id", &req.rater_id)?;
         let a = self.policy("policy_a", &req.policy_a, 0)?.clone();
         let b = self.policy("policy_b", &req.policy_b, 1)?.clone();
         self.pairs.check(&req.rater_id, 1)?;
@@ -502,6 +549,10 @@ impl Preferences {
             self.check_comparison(&mut bad, &format!("comparisons[{i}]"), c);
         }
         bad.into_result().map_err(Error::Invalid)?;
+        for (i, c) in req.comparisons.iter().enumerate() {
+            self.sessions
+                .verify(&format!("comparisons[{i}].rater_id"), &c.rater_id)?;
+        }
 
         // Every clip must have been served, and each pair made for one prompt.
         let mut bad = Violations::default();
@@ -574,6 +625,14 @@ pub struct PreferenceServer(pub Arc<Preferences>);
 
 #[tonic::async_trait]
 impl PreferenceService for PreferenceServer {
+    async fn start_session(
+        &self,
+        _request: Request<StartSessionRequest>,
+    ) -> Result<Response<RaterSession>, Status> {
+        let rater_id = self.0.start_session()?;
+        Ok(Response::new(RaterSession { rater_id }))
+    }
+
     async fn get_pair(
         &self,
         request: Request<GetPairRequest>,

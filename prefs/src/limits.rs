@@ -133,6 +133,36 @@ impl RaterLimits {
     }
 }
 
+/// A limit over all callers together, on one kind of request.
+#[derive(Debug)]
+pub(crate) struct GlobalLimit {
+    what: &'static str,
+    per_minute: u32,
+    limiter: DefaultDirectRateLimiter,
+}
+
+impl GlobalLimit {
+    /// `per_minute` requests of kind `what` a minute, from all callers.
+    pub(crate) fn new(what: &'static str, per_minute: u32) -> Self {
+        Self {
+            what,
+            per_minute,
+            limiter: DefaultDirectRateLimiter::direct(quota(per_minute)),
+        }
+    }
+
+    /// Takes one request from the quota, or says why not.
+    pub(crate) fn check(&self) -> Result<(), Error> {
+        take(&self.limiter, NonZeroU32::MIN).map_err(|retry_after| Error::RateLimited {
+            reason: format!(
+                "all callers together are over the limit of {} {} a minute",
+                self.per_minute, self.what
+            ),
+            retry_after,
+        })
+    }
+}
+
 /// Takes `n` cells from `limiter`, or the wait before trying again.
 fn take(limiter: &DefaultDirectRateLimiter, n: NonZeroU32) -> Result<(), Duration> {
     match limiter.check_n(n) {

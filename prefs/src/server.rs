@@ -55,6 +55,14 @@ pub struct Config {
     pub all_comparisons_per_minute: u32,
     /// Most raters the per-rater limits track at once.
     pub max_raters: usize,
+    /// Rater sessions all callers together may start per minute.
+    pub sessions_per_minute: u32,
+    /// The key rater ids are signed with (at least 16 bytes; surrounding
+    /// whitespace trimmed), shared by every replica; without one a key is
+    /// drawn at start-up, and rater sessions end with the process.
+    pub rater_key: Option<String>,
+    /// A file holding the rater key.
+    pub rater_key_file: Option<PathBuf>,
     /// How long a drain waits for in-flight calls, in milliseconds.
     pub shutdown_grace_ms: u64,
 }
@@ -77,6 +85,9 @@ impl Default for Config {
             all_pairs_per_minute: limits.all_pairs_per_minute,
             all_comparisons_per_minute: limits.all_comparisons_per_minute,
             max_raters: limits.max_raters,
+            sessions_per_minute: limits.sessions_per_minute,
+            rater_key: None,
+            rater_key_file: None,
             shutdown_grace_ms: 10_000,
         }
     }
@@ -184,6 +195,7 @@ impl Config {
                 "all_comparisons_per_minute",
                 self.all_comparisons_per_minute,
             ),
+            ("sessions_per_minute", self.sessions_per_minute),
         ] {
             if rate == 0 {
                 return bad(key, "must be at least 1".into());
@@ -195,7 +207,25 @@ impl Config {
         if let Err(e) = encore_model::device(&self.device) {
             return bad("device", e.to_string());
         }
+        if let Some(key) = self.rater_key()?
+            && key.len() < 16
+        {
+            return bad(
+                "rater_key",
+                format!("{} bytes; it needs at least 16", key.len()),
+            );
+        }
         Ok(())
+    }
+
+    /// The rater key (inline or from its file), if one is configured.
+    pub fn rater_key(&self) -> Result<Option<String>, ServerError> {
+        encore_config::secret(
+            &format!("{SECTION}.rater_key"),
+            self.rater_key.as_deref(),
+            self.rater_key_file.as_deref(),
+        )
+        .map_err(|e| ServerError::Config(e.to_string()))
     }
 
     fn limits(&self) -> Limits {
@@ -208,6 +238,7 @@ impl Config {
             all_pairs_per_minute: self.all_pairs_per_minute,
             all_comparisons_per_minute: self.all_comparisons_per_minute,
             max_raters: self.max_raters,
+            sessions_per_minute: self.sessions_per_minute,
             ..Limits::default()
         }
     }
@@ -257,11 +288,20 @@ pub async fn serve(
         });
     }
     let store = encore_store::open(&config.store, Arc::new(SystemClock)).await?;
-    let service = Arc::new(
-        Preferences::new(store, policies, config.limits())
-            .with_metrics(&registry)
-            .map_err(|e| ServerError::Config(format!("metrics: {e}")))?,
-    );
+    let mut service = Preferences::new(store, policies, config.limits())
+        .with_metrics(&registry)
+        .map_err(|e| ServerError::Config(format!("metrics: {e}")))?;
+    match config.rater_key()? {
+        Some(key) => {
+            service = service
+                .with_rater_key(key.into_bytes())
+                .map_err(|e| ServerError::Config(format!("{SECTION}.rater_key: {e}")))?;
+        }
+        None => {
+            tracing::info!("prefs.rater_key is not set: rater sessions end when this process does")
+        }
+    }
+    let service = Arc::new(service);
 
     let readiness = Readiness::new();
     let (admin, admin_task) = serve_admin(

@@ -88,8 +88,10 @@ async fn preferences_collected_through_the_api_train_a_preference_model() {
     let population = Population::new(3);
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let mut submitted = 0;
+    // Forty listeners, each with its session.
+    let sessions: Vec<String> = (0..40).map(|_| service.start_session().unwrap()).collect();
     for i in 0..PAIRS {
-        let rater = format!("sim-{}", i % 40);
+        let rater = sessions[i % 40].clone();
         let persona = population.persona((i % 40) as u64);
         // Which policy plays first alternates, so position says nothing.
         let (policy_a, policy_b) = if i % 2 == 0 {

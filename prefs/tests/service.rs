@@ -12,7 +12,8 @@ use encore_prefs::{HostedPolicy, Limits, PreferenceServer, Preferences};
 use encore_proto::v1::preference_service_client::PreferenceServiceClient;
 use encore_proto::v1::preference_service_server::PreferenceServiceServer;
 use encore_proto::v1::{
-    Choice, ClipPair, Comparison, GetPairRequest, StoredComparison, SubmitComparisonsRequest,
+    Choice, ClipPair, Comparison, GetPairRequest, StartSessionRequest, StoredComparison,
+    SubmitComparisonsRequest,
 };
 use encore_store::{EmbeddedOptions, EmbeddedStore, Store, SystemClock};
 use prost::Message;
@@ -22,6 +23,8 @@ use tonic_types::StatusExt;
 
 struct Fixture {
     client: PreferenceServiceClient<Channel>,
+    /// A session per rater name the test uses.
+    raters: std::sync::Mutex<std::collections::HashMap<String, String>>,
     registry: prometheus::Registry,
     service: Arc<Preferences>,
     store: Arc<dyn Store>,
@@ -67,6 +70,7 @@ async fn fixture(limits: Limits) -> Fixture {
         .unwrap();
     Fixture {
         client,
+        raters: Default::default(),
         registry,
         service,
         store,
@@ -81,11 +85,24 @@ fn small() -> Limits {
     }
 }
 
+impl Fixture {
+    /// The rater id of the session started for `name` (one per name).
+    fn rater(&self, name: &str) -> String {
+        self.raters
+            .lock()
+            .unwrap()
+            .entry(name.to_owned())
+            .or_insert_with(|| self.service.start_session().unwrap())
+            .clone()
+    }
+}
+
 async fn pair(f: &mut Fixture, rater: &str) -> ClipPair {
+    let rater_id = f.rater(rater);
     f.client
         .get_pair(GetPairRequest {
             prompt: "a calm solo piano piece".into(),
-            rater_id: rater.into(),
+            rater_id,
             ..GetPairRequest::default()
         })
         .await
@@ -93,6 +110,7 @@ async fn pair(f: &mut Fixture, rater: &str) -> ClipPair {
         .into_inner()
 }
 
+/// A comparison of `pair` by the rater with id `rater`.
 fn comparison(pair: &ClipPair, rater: &str, key: &str, choice: Choice) -> Comparison {
     Comparison {
         client_key: key.into(),
@@ -152,7 +170,7 @@ async fn a_served_pair_is_compared_and_stored_once() {
     };
     let first = f
         .client
-        .submit_comparisons(submit(comparison(&p, "rater-1", "k1", Choice::A)))
+        .submit_comparisons(submit(comparison(&p, &f.rater("rater-1"), "k1", Choice::A)))
         .await
         .unwrap()
         .into_inner();
@@ -163,7 +181,7 @@ async fn a_served_pair_is_compared_and_stored_once() {
     // A retry (same rater and key) is recognised, not stored again.
     let retry = f
         .client
-        .submit_comparisons(submit(comparison(&p, "rater-1", "k1", Choice::A)))
+        .submit_comparisons(submit(comparison(&p, &f.rater("rater-1"), "k1", Choice::A)))
         .await
         .unwrap()
         .into_inner();
@@ -183,7 +201,7 @@ async fn a_served_pair_is_compared_and_stored_once() {
     assert_eq!(r.b.as_ref().unwrap().policy_version, 2);
     assert_eq!(
         (r.choice, r.rating_a, r.rater_id.as_str()),
-        (Choice::A as i32, 4, "rater-1")
+        (Choice::A as i32, 4, f.rater("rater-1").as_str())
     );
     assert!(r.time.is_some());
 
@@ -191,7 +209,7 @@ async fn a_served_pair_is_compared_and_stored_once() {
     let suggested = f
         .client
         .get_pair(GetPairRequest {
-            rater_id: "rater-1".into(),
+            rater_id: f.rater("rater-1"),
             ..GetPairRequest::default()
         })
         .await
@@ -212,7 +230,7 @@ async fn malformed_submissions_are_refused_naming_the_cause_and_change_nothing()
     let submit = |comparisons: Vec<Comparison>| SubmitComparisonsRequest { comparisons };
 
     // Unknown clip.
-    let mut unknown = comparison(&p, "rater-1", "k1", Choice::B);
+    let mut unknown = comparison(&p, &f.rater("rater-1"), "k1", Choice::B);
     unknown.clip_a = "c-never-served".into();
     let err = f
         .client
@@ -228,7 +246,7 @@ async fn malformed_submissions_are_refused_naming_the_cause_and_change_nothing()
     );
 
     // Missing choice, a rating out of range, a missing key: every field named.
-    let mut bad = comparison(&p, "rater-1", "", Choice::Unspecified);
+    let mut bad = comparison(&p, &f.rater("rater-1"), "", Choice::Unspecified);
     bad.rating_b = 9;
     let err = f
         .client
@@ -250,13 +268,13 @@ async fn malformed_submissions_are_refused_naming_the_cause_and_change_nothing()
         .client
         .get_pair(GetPairRequest {
             prompt: "fast energetic drums".into(),
-            rater_id: "rater-1".into(),
+            rater_id: f.rater("rater-1"),
             ..GetPairRequest::default()
         })
         .await
         .unwrap()
         .into_inner();
-    let mut mixed = comparison(&p, "rater-1", "k2", Choice::A);
+    let mut mixed = comparison(&p, &f.rater("rater-1"), "k2", Choice::A);
     mixed.clip_b = third.b.unwrap().clip_id;
     let err = f
         .client
@@ -266,7 +284,7 @@ async fn malformed_submissions_are_refused_naming_the_cause_and_change_nothing()
     assert_eq!(field_of(&err), ["comparisons[0].clip_b"]);
 
     // One bad entry fails the whole batch: the good one is not stored.
-    let good = comparison(&other, "rater-1", "k3", Choice::A);
+    let good = comparison(&other, &f.rater("rater-1"), "k3", Choice::A);
     let mut no_rater = comparison(&other, "", "k4", Choice::A);
     no_rater.rater_id.clear();
     let err = f
@@ -281,7 +299,7 @@ async fn malformed_submissions_are_refused_naming_the_cause_and_change_nothing()
         .client
         .get_pair(GetPairRequest {
             prompt: "x".repeat(1001),
-            rater_id: "rater-1".into(),
+            rater_id: f.rater("rater-1"),
             ..GetPairRequest::default()
         })
         .await
@@ -295,12 +313,17 @@ async fn malformed_submissions_are_refused_naming_the_cause_and_change_nothing()
     // A flood from one rater: the first 5 a minute pass, then
     // RESOURCE_EXHAUSTED with a RetryInfo; another rater is unaffected.
     let flood: Vec<Comparison> = (0..5)
-        .map(|i| comparison(&p, "flooder", &format!("f{i}"), Choice::A))
+        .map(|i| comparison(&p, &f.rater("flooder"), &format!("f{i}"), Choice::A))
         .collect();
     f.client.submit_comparisons(submit(flood)).await.unwrap();
     let err = f
         .client
-        .submit_comparisons(submit(vec![comparison(&p, "flooder", "f5", Choice::A)]))
+        .submit_comparisons(submit(vec![comparison(
+            &p,
+            &f.rater("flooder"),
+            "f5",
+            Choice::A,
+        )]))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
@@ -309,7 +332,7 @@ async fn malformed_submissions_are_refused_naming_the_cause_and_change_nothing()
     f.client
         .submit_comparisons(submit(vec![comparison(
             &p,
-            "someone-else",
+            &f.rater("someone-else"),
             "s1",
             Choice::B,
         )]))
@@ -372,10 +395,10 @@ async fn comparisons_export_as_preference_records_with_filters() {
     let submit = |comparisons: Vec<Comparison>| SubmitComparisonsRequest { comparisons };
     f.client
         .submit_comparisons(submit(vec![
-            comparison(&agreed, "r1", "k1", Choice::A),
-            comparison(&agreed, "r2", "k1", Choice::A),
-            comparison(&disputed, "r1", "k2", Choice::A),
-            comparison(&disputed, "r2", "k2", Choice::Neither),
+            comparison(&agreed, &f.rater("r1"), "k1", Choice::A),
+            comparison(&agreed, &f.rater("r2"), "k1", Choice::A),
+            comparison(&disputed, &f.rater("r1"), "k2", Choice::A),
+            comparison(&disputed, &f.rater("r2"), "k2", Choice::Neither),
         ]))
         .await
         .unwrap();
@@ -461,7 +484,11 @@ async fn comparisons_export_as_preference_records_with_filters() {
 async fn two_hundred_concurrent_clients_lose_and_duplicate_nothing() {
     const CLIENTS: usize = 200;
     const EACH: usize = 5;
-    let mut f = fixture(small()).await;
+    let mut f = fixture(Limits {
+        sessions_per_minute: 1000,
+        ..small()
+    })
+    .await;
     let mut pairs = Vec::new();
     for _ in 0..10 {
         pairs.push(pair(&mut f, "setup").await);
@@ -473,7 +500,12 @@ async fn two_hundred_concurrent_clients_lose_and_duplicate_nothing() {
             let (mut client, pairs) = (f.client.clone(), pairs.clone());
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
-                let rater = format!("load-{c}");
+                let rater = client
+                    .start_session(StartSessionRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .rater_id;
                 for i in 0..=EACH {
                     // The last call retries the first submission.
                     let key = format!("k{}", i % EACH);
@@ -518,4 +550,65 @@ async fn two_hundred_concurrent_clients_lose_and_duplicate_nothing() {
         pct(0.5),
         pct(0.99)
     );
+}
+
+#[tokio::test]
+async fn only_rater_ids_the_service_issued_are_taken_and_sessions_are_limited() {
+    let mut f = fixture(Limits {
+        sessions_per_minute: 3,
+        ..small()
+    })
+    .await;
+    let submit = |comparisons: Vec<Comparison>| SubmitComparisonsRequest { comparisons };
+    // A session over gRPC, and one kept by the fixture: two of three.
+    let rater = f
+        .client
+        .start_session(StartSessionRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .rater_id;
+    let p = pair(&mut f, "kept").await;
+
+    // Made-up rater ids are refused, naming the field, and nothing is
+    // stored; the issued one works.
+    let made_up = f
+        .client
+        .get_pair(GetPairRequest {
+            rater_id: "web-made-up".into(),
+            ..GetPairRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(made_up.code(), Code::Unauthenticated, "{made_up:?}");
+    assert!(made_up.message().contains("rater_id"), "{made_up:?}");
+    let batch = vec![
+        comparison(&p, &rater, "k1", Choice::A),
+        comparison(&p, &format!("{rater}0"), "k2", Choice::A),
+    ];
+    let err = f
+        .client
+        .submit_comparisons(submit(batch))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("comparisons[1].rater_id"), "{err:?}");
+    assert!(stored(&f).await.is_empty());
+    f.client
+        .submit_comparisons(submit(vec![comparison(&p, &rater, "k1", Choice::A)]))
+        .await
+        .unwrap();
+
+    // Sessions are limited over all callers: the fourth this minute waits.
+    f.client
+        .start_session(StartSessionRequest {})
+        .await
+        .unwrap();
+    let err = f
+        .client
+        .start_session(StartSessionRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(reason_of(&err), "RATE_LIMITED");
 }

@@ -15,13 +15,14 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, anyhow, bail, ensure};
 use candle_core::Device;
 use clap::Parser;
 use encore_coordinator::auth::BearerToken;
 use encore_coordinator::config::AuthConfig;
 use encore_proto::v1::job_service_client::JobServiceClient;
 use encore_reward_server::ModelSpec;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -84,6 +85,9 @@ struct Process {
     role: &'static str,
     /// Its own environment on top of the shared configuration file.
     env: Vec<(String, String)>,
+    /// Its admin server (`/metrics`, `/readyz`), on a port of its own that
+    /// it keeps across restarts.
+    admin: SocketAddr,
     /// Its stderr, across restarts.
     log: PathBuf,
     child: Option<Child>,
@@ -188,12 +192,18 @@ impl Cluster {
         let config_file = dir.join("encore.toml");
         std::fs::write(&config_file, toml::to_string_pretty(&config)?)?;
 
-        let process = |name: &str, role, env: Vec<(String, String)>| Process {
-            name: name.to_owned(),
-            role,
-            env,
-            log: logs.join(format!("{name}.log")),
-            child: None,
+        let process = |name: &str, role: &'static str, mut env: Vec<(String, String)>| {
+            let admin = SocketAddr::from(([127, 0, 0, 1], port()));
+            let section = role.replace('-', "_").to_uppercase();
+            env.push((format!("ENCORE_{section}__ADMIN"), admin.to_string()));
+            Process {
+                name: name.to_owned(),
+                role,
+                env,
+                admin,
+                log: logs.join(format!("{name}.log")),
+                child: None,
+            }
         };
         let mut processes = vec![
             process("coordinator", "coordinator", Vec::new()),
@@ -260,8 +270,10 @@ impl Cluster {
     }
 
     /// SIGKILL for `name` (no drain, no clean-up: what it had not written
-    /// to the store or a checkpoint is gone), then the same process again.
-    pub async fn kill_and_restart(&mut self, name: &str) -> anyhow::Result<()> {
+    /// to the store or a checkpoint is gone), then, `down` later, the same
+    /// process again: the others meet a process that is away for a while,
+    /// as a real restart is, not one that merely bounced.
+    pub async fn kill_and_restart(&mut self, name: &str, down: Duration) -> anyhow::Result<()> {
         let process = self.process(name)?;
         let mut child = process
             .child
@@ -272,6 +284,7 @@ impl Cluster {
             .kill()
             .await
             .with_context(|| format!("SIGKILL for {name}"))?;
+        tokio::time::sleep(down).await;
         self.spawn(name)?;
         if name == "coordinator" {
             self.jobs().await?;
@@ -305,6 +318,41 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// The sum of the samples of `metric` on `name`'s `/metrics` (0 when it
+    /// has none yet).
+    pub async fn metric(&mut self, name: &str, metric: &str) -> anyhow::Result<f64> {
+        let admin = self.process(name)?.admin;
+        let mut stream = tokio::net::TcpStream::connect(admin)
+            .await
+            .with_context(|| format!("{name}'s admin server at {admin}"))?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await?;
+        let (head, body) = reply
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow!("{name}'s /metrics answered {reply:?}"))?;
+        ensure!(
+            head.contains(" 200 "),
+            "{name}'s /metrics answered {head:?}"
+        );
+        let mut sum = 0.0;
+        for line in body.lines() {
+            // `name{labels} value` or `name value`.
+            let Some(rest) = line.strip_prefix(metric) else {
+                continue;
+            };
+            if rest.starts_with('{') || rest.starts_with(' ') {
+                let value = rest.rsplit(' ').next().unwrap_or_default();
+                sum += value
+                    .parse::<f64>()
+                    .with_context(|| format!("{name}'s /metrics line {line:?}"))?;
+            }
+        }
+        Ok(sum)
     }
 
     /// Fails, naming the process and the end of its log, if one exited.

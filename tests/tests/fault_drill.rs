@@ -1,11 +1,12 @@
 //! The fault drill: a local cluster of `encore serve` processes (a
 //! coordinator, a reward server, two actors, a learner rank) runs a small
 //! job while each role is SIGKILLed once, mid-job, and started again on the
-//! same configuration (the coordinator on the same store): the coordinator,
-//! then the reward server, actor 0 and the learner (two steps past its
-//! checkpoint, so that it holds entries it trained on and has not
-//! acknowledged), each at least two steps after the restart before it. The
-//! job must succeed, and
+//! same configuration (the coordinator on the same store): the reward
+//! server, actor 0, the learner (two steps past its checkpoint, so that it
+//! holds entries it trained on and has not acknowledged) and the
+//! coordinator, each at least two steps after the restart before it. The
+//! job must succeed, every actor process must have appended batches after
+//! the coordinator's restart (one actor could finish the job alone), and
 //! the store, read once every process has stopped, must account for every
 //! rollout the actors produced:
 //!
@@ -63,12 +64,10 @@ struct Kill {
     after: fn(u64) -> bool,
 }
 
-/// One process of each role, in this order.
+/// One process of each role, in this order. The coordinator comes last:
+/// after it no process is started afresh, so the job finishes only if every
+/// worker carried on through its restart by itself.
 const KILLS: [Kill; 4] = [
-    Kill {
-        victim: "coordinator",
-        after: coordinator_kill,
-    },
     Kill {
         victim: "reward-server",
         after: any_step,
@@ -81,14 +80,14 @@ const KILLS: [Kill; 4] = [
         victim: "learner",
         after: learner_kill,
     },
+    Kill {
+        victim: "coordinator",
+        after: coordinator_kill,
+    },
 ];
 
-/// From step 3 on, before a step that writes no checkpoint: the learner's
-/// report of that step fails, it goes back to its checkpoint, and the steps
-/// it redoes are reported once the coordinator is back.
-fn coordinator_kill(step: u64) -> bool {
-    step >= 3 && !(step + 1).is_multiple_of(CHECKPOINT_EVERY)
-}
+/// The first kill comes after this step: the job is under way.
+const FIRST_KILL_AFTER: u64 = 3;
 
 fn any_step(_: u64) -> bool {
     true
@@ -101,11 +100,25 @@ fn learner_kill(step: u64) -> bool {
     step % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1
 }
 
+/// Before a step that writes no checkpoint: the learner's report of that
+/// step fails, it goes back to its checkpoint, and the steps it redoes are
+/// reported once the coordinator is back.
+fn coordinator_kill(step: u64) -> bool {
+    !(step + 1).is_multiple_of(CHECKPOINT_EVERY)
+}
+
+/// How long a killed process stays down before it is started again: long
+/// enough that every worker calls a coordinator that is away (an actor
+/// looks at the queue at least every 250 ms), short of the learner's
+/// retries from its checkpoint (0.5 s, then 1 s apart; after the third
+/// failure it gives up and fails the job).
+const DOWN: Duration = Duration::from_millis(300);
+
 /// New steps reported after a restart before the next kill: the job has
 /// recovered from one fault before the next comes.
 const RECOVERY_STEPS: u64 = 2;
 /// A job that reports no step for this long has stalled.
-const STALL: Duration = Duration::from_secs(120);
+const STALL: Duration = Duration::from_secs(60);
 /// The learners' consumer group (as the coordinator names it).
 const GROUP: &str = "learners";
 
@@ -247,10 +260,10 @@ async fn drill(variant: Variant) -> anyhow::Result<()> {
             let _ = cluster.stop().await;
             // Keep the directory for a look at the logs.
             let kept = dir.keep();
-            return Err(e.context(format!(
-                "the drill's files are kept in {}\n{tails}",
+            bail!(
+                "{e:#}\nthe drill's files are kept in {}; the ends of the logs:\n{tails}",
                 kept.display()
-            )));
+            );
         }
     };
     let ran = started.elapsed();
@@ -296,7 +309,8 @@ async fn follow(
     let mut last_sequence = 0;
     let mut events = watch(&mut jobs, &job_id, last_sequence).await?;
     let mut kills: Vec<(&'static str, u64)> = Vec::new();
-    let mut next_kill_from = 1;
+    let mut next_kill_from = FIRST_KILL_AFTER;
+    let mut batches_at_last_kill = Vec::new();
     let mut last_step = 0;
     let mut last_step_at = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -323,10 +337,13 @@ async fn follow(
                             && point.step >= next_kill_from
                             && (kill.after)(point.step)
                         {
-                            cluster.kill_and_restart(kill.victim).await?;
+                            cluster.kill_and_restart(kill.victim, DOWN).await?;
                             println!("[{}] step {}: SIGKILLed {} and started it again", variant.name(), point.step, kill.victim);
                             kills.push((kill.victim, point.step));
                             next_kill_from = point.step + RECOVERY_STEPS;
+                            if kills.len() == KILLS.len() {
+                                batches_at_last_kill = actor_batches(cluster).await?;
+                            }
                         }
                     }
                     Some(job_event::Event::StateChange(change)) => {
@@ -358,7 +375,37 @@ async fn follow(
         last_step == STEPS,
         "the last step reported is {last_step}, not {STEPS}"
     );
+    // One actor could have finished the job alone: each must have carried
+    // on through the last restart.
+    let batches = actor_batches(cluster).await?;
+    println!(
+        "[{}] batches appended by each actor process since the last restart: {:?}",
+        variant.name(),
+        batches
+            .iter()
+            .zip(&batches_at_last_kill)
+            .map(|((name, now), (_, then))| format!("{name} {}", now - then))
+            .collect::<Vec<_>>()
+    );
+    for ((name, now), (_, then)) in batches.iter().zip(&batches_at_last_kill) {
+        ensure!(
+            now > then,
+            "{name} appended no batch after the last restart ({then} before it, {now} at the end)"
+        );
+    }
     Ok((job_id, kills))
+}
+
+/// Each actor process's count of batches appended (its
+/// `encore_actor_batches_total`, from its start).
+async fn actor_batches(cluster: &mut Cluster) -> anyhow::Result<Vec<(String, f64)>> {
+    let mut counts = Vec::new();
+    for i in 0..ACTORS {
+        let name = format!("actor-{i}");
+        let count = cluster.metric(&name, "encore_actor_batches_total").await?;
+        counts.push((name, count));
+    }
+    Ok(counts)
 }
 
 async fn watch(

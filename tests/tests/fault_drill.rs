@@ -36,9 +36,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail, ensure};
 use encore_proto::v1::{
-    Algorithm, JobResources, JobSpec, JobState, MetricPoint, ModelRef, Normalization,
-    NormalizationKind, Prompt, PromptList, PromptSource, RewardConfig, SamplingParams,
-    StopCondition, SubmitJobRequest, WatchJobRequest, job_event, prompt_source,
+    Algorithm, GetJobRequest, JobResources, JobSpec, JobState, MetricPoint, ModelRef,
+    Normalization, NormalizationKind, Prompt, PromptList, PromptSource, RewardConfig,
+    SamplingParams, StopCondition, SubmitJobRequest, WatchJobRequest, job_event, prompt_source,
 };
 use encore_store::{EntryId, Store, SystemClock};
 use encore_testkit::RedisServer;
@@ -46,7 +46,7 @@ use encore_tests::{Cluster, Jobs, REWARD_MODEL, Setup};
 use tokio_stream::StreamExt;
 
 /// Steps of the drill's job.
-const STEPS: u64 = 15;
+const STEPS: u64 = 18;
 /// The job's checkpoint interval: steps between a learner's checkpoint and
 /// its crash are done again.
 const CHECKPOINT_EVERY: u64 = 3;
@@ -335,14 +335,25 @@ async fn follow(
                         last_step_at = Instant::now();
                         if let Some(kill) = KILLS.get(kills.len())
                             && point.step >= next_kill_from
-                            && (kill.after)(point.step)
                         {
-                            cluster.kill_and_restart(kill.victim, DOWN).await?;
-                            println!("[{}] step {}: SIGKILLed {} and started it again", variant.name(), point.step, kill.victim);
-                            kills.push((kill.victim, point.step));
-                            next_kill_from = point.step + RECOVERY_STEPS;
-                            if kills.len() == KILLS.len() {
-                                batches_at_last_kill = actor_batches(cluster).await?;
+                            // The events may lag behind the job (the drill
+                            // was busy with a restart): the job's own step
+                            // says where the kill lands.
+                            let job = jobs
+                                .get(GetJobRequest { job_id: job_id.clone() })
+                                .await
+                                .context("getting the job")?
+                                .into_inner();
+                            let state = JobState::try_from(job.state).unwrap_or(JobState::Unspecified);
+                            ensure!(!state.is_terminal(), "the job ended ({state:?}) before {} was killed", kill.victim);
+                            if (kill.after)(job.step) {
+                                cluster.kill_and_restart(kill.victim, DOWN).await?;
+                                println!("[{}] step {}: SIGKILLed {} and started it again", variant.name(), job.step, kill.victim);
+                                kills.push((kill.victim, job.step));
+                                next_kill_from = job.step + RECOVERY_STEPS;
+                                if kills.len() == KILLS.len() {
+                                    batches_at_last_kill = actor_batches(cluster).await?;
+                                }
                             }
                         }
                     }

@@ -31,7 +31,7 @@ use encore_proto::v1::{
     ActorAssignment, Assignment, Capabilities, DeviceKind, GetManifestRequest, Resources, Role,
     Rollout, RolloutQueue, ScoreItem, ScoredBatch, WeightManifest, assignment,
 };
-use encore_store::{AppendOutcome, Queue, StoreError};
+use encore_store::{AppendOutcome, Queue};
 use prost::Message;
 use prost_types::Timestamp;
 use tokio::sync::watch;
@@ -172,13 +172,13 @@ impl Actor {
             match outcome {
                 Err(Error::Reassigned) => {}
                 Err(Error::ShuttingDown) => return Ok(()),
-                // The queue is away for now (the coordinator that serves it
-                // restarting, Redis unreachable): the same assignment goes
-                // on after a pause, with a new batch. (The batch whose
-                // append failed is not sent again: the queue may have
-                // taken it before the answer was lost.)
-                Err(Error::Store(StoreError::Backend(e))) => {
-                    tracing::warn!(error = %e, "the rollout queue failed; working on after a pause");
+                // The coordinator, the queue or a reward server away for now
+                // (restarting, a connection cut mid-call): the same
+                // assignment goes on after a pause, with a new batch. (A
+                // batch whose append failed is not sent again: the queue
+                // may have taken it before the answer was lost.)
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, "the job failed on this actor for now; working on after a pause");
                     tokio::select! {
                         () = lost.cancelled() => return Ok(()),
                         () = tokio::time::sleep(self.config.max_backoff()) => {}

@@ -71,4 +71,61 @@ impl Error {
             status: Box::new(status),
         }
     }
+
+    /// Whether the failure may pass by itself: the coordinator, the rollout
+    /// queue or a reward server away for a while (restarting, a connection
+    /// cut mid-call, a weight transfer broken off), so that the same work
+    /// is worth taking up again.
+    pub fn is_transient(&self) -> bool {
+        use tonic::Code;
+        match self {
+            Error::Store(encore_store::StoreError::Backend(_)) | Error::Weights(_) => true,
+            Error::Rpc { status, .. } => matches!(
+                status.code(),
+                // A connection reset mid-call surfaces as UNKNOWN.
+                Code::Unavailable
+                    | Code::Unknown
+                    | Code::Cancelled
+                    | Code::DeadlineExceeded
+                    | Code::Aborted
+                    | Code::ResourceExhausted
+            ),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_failures_that_can_pass_are_transient() {
+        let rpc = |code| Error::rpc("GetManifest", tonic::Status::new(code, "x"));
+        for code in [
+            tonic::Code::Unavailable,
+            tonic::Code::Unknown,
+            tonic::Code::DeadlineExceeded,
+        ] {
+            assert!(rpc(code).is_transient(), "{code:?}");
+        }
+        for code in [
+            tonic::Code::PermissionDenied,
+            tonic::Code::Unauthenticated,
+            tonic::Code::InvalidArgument,
+            tonic::Code::FailedPrecondition,
+        ] {
+            assert!(!rpc(code).is_transient(), "{code:?}");
+        }
+        assert!(Error::Store(encore_store::StoreError::Backend("away".into())).is_transient());
+        assert!(Error::Weights("fetch broken off".into()).is_transient());
+        assert!(!Error::Config("actor.device".into()).is_transient());
+        assert!(
+            !Error::Store(encore_store::StoreError::invalid(
+                "max_len",
+                "must be at least 1"
+            ))
+            .is_transient()
+        );
+    }
 }

@@ -166,6 +166,19 @@ impl Actor {
             match outcome {
                 Err(Error::Reassigned) => {}
                 Err(Error::ShuttingDown) => return Ok(()),
+                // The coordinator, the queue or a reward server away for now
+                // (restarting, a connection cut mid-call): the same
+                // assignment goes on after a pause, with a new batch. (A
+                // batch whose append failed is not sent again: the queue
+                // may have taken it before the answer was lost.)
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, "the job failed on this actor for now; working on after a pause");
+                    tokio::select! {
+                        () = lost.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(self.config.max_backoff()) => {}
+                    }
+                    continue;
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "the job failed on this actor; waiting for a new assignment");
                 }

@@ -523,6 +523,9 @@ impl Learner {
                 unix_ms(),
             );
             let checkpoint_now = state.step % plan.checkpoint_every == 0 || stop.is_some();
+            // The entries this checkpoint covers and the previous one did
+            // not (`MetricPoint.checkpoint_entry_ids`).
+            let mut covered = Vec::new();
             if checkpoint_now {
                 let checkpoint_started = Instant::now();
                 trainer.normalizer.clone_into(&mut state.normalizer);
@@ -537,7 +540,15 @@ impl Learner {
                 .await
                 .map_err(|e| LearnerError::Config(format!("gathering panicked: {e}")))?;
                 collective = back;
-                state.trained_unacknowledged = gathered?;
+                let gathered = gathered?;
+                // A re-delivered entry the previous checkpoint covered was
+                // skipped above, though held (and so gathered) again.
+                covered = gathered
+                    .iter()
+                    .filter(|id| !state.trained_unacknowledged.contains(id))
+                    .cloned()
+                    .collect();
+                state.trained_unacknowledged = gathered;
                 if rank == 0 {
                     let (root, st, keep) = (
                         checkpoint_root.clone(),
@@ -581,8 +592,10 @@ impl Learner {
             }
             if rank == 0 {
                 let report_started = Instant::now();
-                let point =
-                    metric_point(&state, &stage, &report, took, tokens, &staleness, &trainer);
+                let point = MetricPoint {
+                    checkpoint_entry_ids: covered,
+                    ..metric_point(&state, &stage, &report, took, tokens, &staleness, &trainer)
+                };
                 let stage_change = match stop {
                     Some(Stop {
                         ends_job: false, ..
@@ -1139,6 +1152,7 @@ fn metric_point(
             .into_iter()
             .collect(),
         step_duration: prost_types::Duration::try_from(took).ok(),
+        checkpoint_entry_ids: Vec::new(),
     }
 }
 

@@ -315,6 +315,12 @@ pub trait Store: Send + Sync + Debug {
     /// that does not exist yet).
     async fn queue_pending(&self, job_id: &str, group: &str) -> Result<u64>;
 
+    /// Entries ever appended to the job's queue, acknowledged ones
+    /// included (0 for a queue never appended to): with the learners'
+    /// counts of what they consumed and dropped, and [`Store::queue_len`],
+    /// it accounts for every entry the actors produced.
+    async fn queue_appended(&self, job_id: &str) -> Result<u64>;
+
     // ----- Preference records (what listeners submit) and served clips -----
 
     /// Stores a preference record (an opaque payload) under the next

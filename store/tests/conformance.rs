@@ -894,6 +894,7 @@ async fn manifests_are_idempotent_monotonic_and_pinned_against_gc(mut h: Harness
 
 async fn queue_is_bounded_and_never_trims(h: Harness) {
     let store = h.store();
+    assert_eq!(store.queue_appended("j1").await.unwrap(), 0);
     let mut ids = Vec::new();
     for i in 0..3 {
         match store.queue_append("j1", payload(i), 3).await.unwrap() {
@@ -933,6 +934,11 @@ async fn queue_is_bounded_and_never_trims(h: Harness) {
         .unwrap();
     let payloads: Vec<Vec<u8>> = rest.into_iter().map(|e| e.payload).collect();
     assert_eq!(payloads, [payload(2), payload(3)]);
+    // Appends count, refused ones do not, and acknowledging takes none
+    // back: appended = acknowledged + still queued.
+    assert_eq!(store.queue_appended("j1").await.unwrap(), 4);
+    assert_eq!(store.queue_len("j1").await.unwrap(), 3);
+    assert_eq!(store.queue_appended("j2").await.unwrap(), 0);
 
     let zero = store.queue_append("j1", payload(9), 0).await;
     assert!(matches!(

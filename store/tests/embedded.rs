@@ -118,6 +118,7 @@ async fn the_log_is_compacted_into_snapshots_as_it_grows() {
     let store = open(dir.path(), options).unwrap();
     assert_eq!(store.metrics("j1", 0, 0).await.unwrap().len(), 200);
     assert_eq!(store.queue_len("j1").await.unwrap(), 50);
+    assert_eq!(store.queue_appended("j1").await.unwrap(), 50);
 }
 
 #[tokio::test]
@@ -173,6 +174,14 @@ async fn deliveries_survive_a_restart_from_the_log_and_from_the_snapshot() {
     assert_eq!(store.queue_pending("j1", "g").await.unwrap(), 2);
     assert_eq!(store.queue_ack("j1", "g", &others).await.unwrap(), 2);
     assert_eq!(store.queue_len("j1").await.unwrap(), 0);
+    // Every entry was acknowledged; the count of those appended is kept,
+    // through the log and through a snapshot.
+    assert_eq!(store.queue_appended("j1").await.unwrap(), 5);
+    drop(store);
+    for reopen in ["log", "snapshot"] {
+        let store = open(dir.path(), EmbeddedOptions::default()).unwrap();
+        assert_eq!(store.queue_appended("j1").await.unwrap(), 5, "{reopen}");
+    }
 }
 
 #[tokio::test]

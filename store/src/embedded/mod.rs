@@ -894,6 +894,7 @@ impl Store for EmbeddedStore {
                     id_ms: id.ms,
                     id_seq: id.seq,
                     payload,
+                    appended: 0,
                 };
                 Ok((
                     AppendOutcome::Appended(id),
@@ -1031,6 +1032,10 @@ impl Store for EmbeddedStore {
                 .and_then(|q| q.groups.get(group))
                 .map_or(0, |g| g.pending.len() as u64))
         })
+    }
+
+    async fn queue_appended(&self, job_id: &str) -> Result<u64> {
+        self.read(|state| Ok(state.queues.get(job_id).map_or(0, |q| q.appended)))
     }
 
     async fn put_preference(&self, rater: &str, key: &str, payload: Vec<u8>) -> Result<RecordPut> {

@@ -193,7 +193,8 @@ pub(crate) struct PinRow {
     pub deadline_ms: u64,
 }
 
-/// A queue entry (or, for QueueLastId, only its id).
+/// A queue entry (or, for QueueLastId, only its id and the count of
+/// entries ever appended).
 #[derive(Clone, PartialEq, prost::Message)]
 pub(crate) struct QueueRow {
     /// The job whose queue it is.
@@ -208,6 +209,10 @@ pub(crate) struct QueueRow {
     /// The entry's bytes.
     #[prost(bytes = "vec", tag = "4")]
     pub payload: Vec<u8>,
+    /// QueueLastId only: entries ever appended to the queue, acknowledged
+    /// ones included.
+    #[prost(uint64, tag = "5")]
+    pub appended: u64,
 }
 
 /// Acknowledged entries of a queue.

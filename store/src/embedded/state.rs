@@ -111,6 +111,8 @@ pub(crate) struct Queue {
     pub entries: BTreeMap<EntryId, Vec<u8>>,
     /// Last id handed out.
     pub last_id: EntryId,
+    /// Entries ever appended, acknowledged ones included.
+    pub appended: u64,
     /// Consumer groups.
     pub groups: HashMap<String, Group>,
 }
@@ -275,6 +277,7 @@ impl State {
                 id_ms,
                 id_seq,
                 payload,
+                ..
             }) => {
                 let id = EntryId {
                     ms: id_ms,
@@ -283,6 +286,7 @@ impl State {
                 let queue = self.queues.entry(job_id).or_default();
                 queue.last_id = queue.last_id.max(id);
                 queue.entries.insert(id, payload);
+                queue.appended += 1;
             }
             Kind::QueueAck(QueueAckRow {
                 job_id,
@@ -303,6 +307,7 @@ impl State {
                 job_id,
                 id_ms,
                 id_seq,
+                appended,
                 ..
             }) => {
                 let queue = self.queues.entry(job_id).or_default();
@@ -310,6 +315,11 @@ impl State {
                     ms: id_ms,
                     seq: id_seq,
                 });
+                // The snapshot's entries were counted as they were
+                // replayed; the total counts the acknowledged ones too. (A
+                // snapshot written before the count existed leaves only
+                // the entries it still holds counted.)
+                queue.appended = queue.appended.max(appended);
             }
             Kind::QueueDeliver(row) => self.deliver(row),
             Kind::PutPreference(row) => {
@@ -420,6 +430,7 @@ impl State {
                     id_ms: id.ms,
                     id_seq: id.seq,
                     payload: payload.clone(),
+                    appended: 0,
                 }));
             }
             push(Kind::QueueLastId(QueueRow {
@@ -427,6 +438,7 @@ impl State {
                 id_ms: queue.last_id.ms,
                 id_seq: queue.last_id.seq,
                 payload: Vec::new(),
+                appended: queue.appended,
             }));
             let mut group_names: Vec<&String> = queue.groups.keys().collect();
             group_names.sort();

@@ -1344,6 +1344,42 @@ impl Store for RedisStore {
         }
     }
 
+    async fn queue_appended(&self, job_id: &str) -> Result<u64> {
+        // A stream counts every XADD in `entries-added` (Redis 7), XDEL
+        // notwithstanding.
+        let key = self.keys.queue(job_id);
+        let reply: redis::RedisResult<Value> = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(&key)
+            .query_async(&mut self.conn())
+            .await;
+        let fields: Vec<(Value, Value)> = match reply {
+            Ok(Value::Map(fields)) => fields,
+            Ok(Value::Array(flat)) => {
+                let mut flat = flat.into_iter();
+                std::iter::from_fn(|| Some((flat.next()?, flat.next()?))).collect()
+            }
+            Ok(other) => {
+                return Err(StoreError::decode(
+                    &key,
+                    format!("XINFO STREAM replied {other:?}"),
+                ));
+            }
+            Err(err) if err.to_string().contains("no such key") => return Ok(0),
+            Err(err) => return Err(err.into()),
+        };
+        fields
+            .iter()
+            .find(|(name, _)| text_of(name) == Some("entries-added"))
+            .and_then(|(_, value)| u64_of(value))
+            .ok_or_else(|| {
+                StoreError::decode(
+                    &key,
+                    "XINFO STREAM has no entries-added (Redis 7 or later is needed)",
+                )
+            })
+    }
+
     async fn put_preference(&self, rater: &str, key: &str, payload: Vec<u8>) -> Result<RecordPut> {
         require_non_empty("rater", rater)?;
         require_non_empty("key", key)?;

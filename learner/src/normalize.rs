@@ -591,9 +591,10 @@ mod tests {
         close(st.var, 0.25);
         // The raw statistics are still reported.
         close(c.raw["a"].mean, 5.5);
-        // Both rewards move the advantage equally ...
+        // Both rewards move the advantage equally: with K = 2 each
+        // sample's advantage is its reward less the other's, -4z and 4z ...
         let adv = crate::advantage::leave_one_out(&c.rewards, 2).unwrap();
-        close(adv[1] - adv[0], 4.0 * z);
+        close(adv[1] - adv[0], 8.0 * z);
         // ... where a running z-score over the batch lets quality swamp
         // adherence: adherence's batch variance is 25.25, quality's 0.25,
         // so a unit step of adherence within a group is worth 1/5.02 of

@@ -126,7 +126,7 @@ fn curves(inputs: &Inputs<'_>) -> anyhow::Result<()> {
             },
         )?;
     }
-    let series = series_of(&|p| Some(f64::from(p.entropy)));
+    let series = series_of(&|p| Some(p.entropy));
     write_png(
         &inputs.dir.join("entropy.png"),
         &Chart {

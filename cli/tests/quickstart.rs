@@ -45,8 +45,10 @@ fn diversity(report: &Path) -> BTreeMap<String, BTreeMap<String, f64>> {
         .collect()
 }
 
-/// Fails, naming the model, if any two held-out prompts got the same clip.
-fn assert_prompts_get_their_own_clips(report: &Path, near_identical_at_most: f64) {
+/// Fails, naming the model, if more than `identical` of the pairs of clips
+/// for different held-out prompts are identical, or more than `near` are
+/// near-identical.
+fn assert_prompts_get_their_own_clips(report: &Path, identical: f64, near: f64) {
     let d = diversity(report);
     assert_eq!(
         d.keys().cloned().collect::<Vec<_>>(),
@@ -54,12 +56,12 @@ fn assert_prompts_get_their_own_clips(report: &Path, near_identical_at_most: f64
         "{d:?}"
     );
     for (model, c) in &d {
-        assert_eq!(
-            c["across_identical"], 0.0,
+        assert!(
+            c["across_identical"] <= identical,
             "{model}: different prompts got identical clips: {c:?}"
         );
         assert!(
-            c["across_near"] <= near_identical_at_most,
+            c["across_near"] <= near,
             "{model}: different prompts got near-identical clips: {c:?}"
         );
         assert!(c["entropy"] > 0.0, "{model}: {c:?}");
@@ -68,7 +70,8 @@ fn assert_prompts_get_their_own_clips(report: &Path, near_identical_at_most: f64
 
 /// The whole quick start at its default scale (about 10 minutes on 2
 /// cores): no fine-tuned model may answer different prompts with the same
-/// clip, or with near-identical ones more than 1% of the time. Run with
+/// or near-identical clips in more than 1% of the pairs (with the
+/// settings before issue 16, RU did in 16% of them). Run with
 /// `cargo test --workspace --test quickstart -- --ignored`; set
 /// `ENCORE_QUICKSTART_CACHE` to reuse a cache of base policy and reward
 /// models.
@@ -80,7 +83,7 @@ fn at_the_default_scale_different_prompts_get_different_clips() {
         .map_or_else(|| dir.path().join("cache"), Into::into);
     let out = dir.path().join("run");
     quickstart_at("default", &out, &cache);
-    assert_prompts_get_their_own_clips(&out.join("report"), 0.01);
+    assert_prompts_get_their_own_clips(&out.join("report"), 0.01, 0.01);
 }
 
 #[test]
@@ -132,7 +135,7 @@ fn quickstart_writes_a_whole_report_and_reuses_its_cache() {
     // trained, no two prompts may get the same clip (a sampler seeded
     // per prompt the same way would give them).
     assert!(summary.contains("## Diversity"), "{summary}");
-    assert_prompts_get_their_own_clips(&report, 1.0);
+    assert_prompts_get_their_own_clips(&report, 0.0, 1.0);
 
     // Curves: every step of both jobs (RU: 2 + 2 steps, U: 2), with the
     // stage each ran in and the rewards of that stage.

@@ -13,7 +13,7 @@ use encore_coordinator::auth::BearerToken;
 use encore_coordinator::config::AuthConfig;
 use encore_proto::v1::job_service_client::JobServiceClient;
 use encore_proto::v1::{
-    Algorithm, AlgorithmKind, JobResources, JobSpec, JobState, KlEstimator, MetricPoint, ModelRef,
+    Algorithm, AlgorithmKind, JobResources, JobSpec, JobState, MetricPoint, ModelRef,
     Normalization, NormalizationKind, Prompt, PromptList, PromptSource, RewardConfig,
     SamplingParams, Stage, StopCondition, SubmitJobRequest, WatchJobRequest, job_event,
     prompt_source,
@@ -24,7 +24,7 @@ use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use super::{KlPenalty, Plan, RewardNormalization};
+use super::Plan;
 
 /// The client token the quick start submits jobs with.
 const CLIENT: &str = "quickstart";
@@ -343,14 +343,7 @@ impl Cluster {
                                 1.0
                             },
                             normalization: Some(Normalization {
-                                kind: match rl.normalization {
-                                    RewardNormalization::RunningZScore => {
-                                        NormalizationKind::RunningZScore
-                                    }
-                                    RewardNormalization::GroupZScore => {
-                                        NormalizationKind::GroupZScore
-                                    }
-                                } as i32,
+                                kind: NormalizationKind::RunningZScore as i32,
                                 ..Normalization::default()
                             }),
                         })
@@ -379,10 +372,6 @@ impl Cluster {
                 learning_rate: rl.learning_rate,
                 warmup_steps: 5,
                 kl_coef: rl.kl_coef,
-                kl_estimator: match rl.kl_estimator {
-                    KlPenalty::K3 => KlEstimator::K3,
-                    KlPenalty::K2 => KlEstimator::K2,
-                } as i32,
                 entropy_coef: (rl.entropy_coef > 0.0).then_some(rl.entropy_coef),
                 sampling: Some(SamplingParams {
                     max_new_tokens: u32::try_from(frames)?,

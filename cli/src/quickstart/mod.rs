@@ -137,40 +137,15 @@ pub struct RlPlan {
     pub learning_rate: f64,
     /// KL coefficient β.
     pub kl_coef: f64,
-    /// The per-token KL estimator of the penalty's gradient.
-    pub kl_estimator: KlPenalty,
     /// Weight of the adherence reward in stage R (the quality reward's is
     /// 1).
     pub adherence_weight: f64,
     /// Weight of the entropy bonus (0: none).
     pub entropy_coef: f64,
-    /// How each reward's scores are normalised before the stage's weighted
-    /// sum.
-    pub normalization: RewardNormalization,
     /// Training prompts (captions of the corpus' train split).
     pub prompts: usize,
     /// Actor processes.
     pub actors: u32,
-}
-
-/// The per-token KL estimator of the penalty (proto `KlEstimator`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KlPenalty {
-    /// k3: its pull is bounded by β.
-    K3,
-    /// k2: its gradient is that of KL(π‖π_ref).
-    K2,
-}
-
-/// How the RL jobs normalise each reward (proto `NormalizationKind`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RewardNormalization {
-    /// z-score against running statistics of the whole batch.
-    RunningZScore,
-    /// z-score of the deviations from each prompt's group mean.
-    GroupZScore,
 }
 
 /// The evaluation.
@@ -216,11 +191,9 @@ impl Plan {
                     batch_size: 32,
                     samples_per_prompt: 4,
                     learning_rate: 1e-3,
-                    kl_coef: 0.05,
-                    kl_estimator: KlPenalty::K3,
+                    kl_coef: 0.2,
                     adherence_weight: 1.0,
-                    entropy_coef: 0.0,
-                    normalization: RewardNormalization::RunningZScore,
+                    entropy_coef: 0.01,
                     prompts: 256,
                     actors: 2,
                 },
@@ -257,11 +230,9 @@ impl Plan {
                     batch_size: 8,
                     samples_per_prompt: 2,
                     learning_rate: 1e-3,
-                    kl_coef: 0.05,
-                    kl_estimator: KlPenalty::K3,
+                    kl_coef: 0.2,
                     adherence_weight: 1.0,
-                    entropy_coef: 0.0,
-                    normalization: RewardNormalization::RunningZScore,
+                    entropy_coef: 0.01,
                     prompts: 16,
                     actors: 2,
                 },

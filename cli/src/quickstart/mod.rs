@@ -113,6 +113,9 @@ pub struct RewardPlan {
     pub batch_size: usize,
     /// Channels of the audio tower.
     pub channels: usize,
+    /// Examples per step of the adherence model: each clip's caption is
+    /// told apart from the other `adherence_batch_size - 1` of its batch.
+    pub adherence_batch_size: usize,
     /// Epochs of the adherence model.
     pub adherence_epochs: usize,
     /// Epochs of the quality model.
@@ -181,7 +184,8 @@ impl Plan {
                 rewards: RewardPlan {
                     batch_size: 32,
                     channels: 64,
-                    adherence_epochs: 8,
+                    adherence_batch_size: 128,
+                    adherence_epochs: 12,
                     quality_epochs: 5,
                     preference_epochs: 1,
                 },
@@ -220,6 +224,7 @@ impl Plan {
                 rewards: RewardPlan {
                     batch_size: 8,
                     channels: 8,
+                    adherence_batch_size: 8,
                     adherence_epochs: 1,
                     quality_epochs: 1,
                     preference_epochs: 1,
@@ -619,7 +624,10 @@ fn reward_models(
         let (mut model, report) = match name {
             "adherence" => train::train_adherence(
                 &data.clips,
-                &config(plan.rewards.adherence_epochs, None),
+                &TrainConfig {
+                    batch_size: plan.rewards.adherence_batch_size,
+                    ..config(plan.rewards.adherence_epochs, None)
+                },
                 &device,
                 &mut progress,
             )?,

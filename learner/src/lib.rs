@@ -24,7 +24,9 @@ pub mod worker;
 
 pub use checkpoint::LearnerCheckpoint;
 pub use error::LearnerError;
-pub use loss::{Algorithm, LossConfig, LossInputs, LossOutput, LossStats, policy_loss};
+pub use loss::{
+    Algorithm, KlEstimator, LossConfig, LossInputs, LossOutput, LossStats, policy_loss,
+};
 pub use normalize::{RewardNormalizer, RewardSpec};
 pub use optim::AdamW;
 pub use step::{StepReport, Trainer};

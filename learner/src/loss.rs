@@ -19,8 +19,10 @@
 //! PPO:        s = min(r * A, clip(r, 1 - eps, 1 + eps) * A)
 //! REINFORCE:  s = sg(min(1, (1 + eps) / r)) * r * A
 //!             (value min(r, 1 + eps) * A, gradient min(r, 1 + eps) * A * dlogp)
-//! k3    = exp(logr - logp) - (logr - logp) - 1
-//! loss  = ( -sum s  +  beta * sum k3 ) / N
+//! k3    = exp(logr - logp) - (logr - logp) - 1    KL penalty, k3 (default)
+//! k2    = (logp - logr)^2 / 2                      KL penalty, k2
+//! h     = sg(-logp) * r                           entropy bonus (value -logp)
+//! loss  = ( -sum s  +  beta * sum k  -  c * sum h ) / N,   k = k3 or k2
 //! ```
 //!
 //! Sums run over the micro-batch's valid tokens; `N` is the number of valid
@@ -54,9 +56,37 @@
 //! `KL(pi_ref || pi)`, not of `KL(pi || pi_ref)`; both vanish only at
 //! `pi = pi_ref`, which is what the penalty is for. The per-sequence KL that
 //! `MetricPoint.kl` reports is the k1 estimate `sum_t (logp - logr)`, measured
-//! here without a gradient. Neither KL term is importance-weighted: with
+//! here without a gradient.
+//!
+//! The k3 gradient is bounded: where the policy has moved mass onto a
+//! token (`logp > logr`), `1 - exp(logr - logp)` is below 1 however far it
+//! moved, so the penalty pulls each token back with a force of at most
+//! `beta`, while the advantage pushes with `|A|`, about 1 for z-scored
+//! rewards. With a small `beta` nothing holds the policy once an advantage
+//! points one way for long. `KlEstimator::K2` uses `k2` instead, whose
+//! gradient `logp - logr` grows with the log-ratio, and whose expectation
+//! under samples from pi is exactly the gradient of `KL(pi || pi_ref)`,
+//! the KL of MusicRL's objective (`E[(log pi - log pi_ref) dlog pi]`; the
+//! term `E[dlog pi]` is zero): the penalty then holds at the point where
+//! the advantage and `beta * log(pi / pi_ref)` balance. It includes the
+//! entropy's gradient with weight `beta`, since
+//! `KL(pi || pi_ref) = -H(pi) - E[log pi_ref]`.
+//!
+//! The reported KL (`kl_seq_mean`, `kl_k3_mean`) is k3's with either
+//! estimator: an unbiased, non-negative estimate of the KL's value. Neither KL term is importance-weighted: with
 //! staleness bounded by `max_staleness`, the behaviour and current policies
 //! are close.
+//!
+//! Entropy. `c` (`entropy_coef`, 0 by default) adds a bonus for the
+//! entropy of each decoder step's distribution, estimated from the sampled
+//! tokens alone: the score-function gradient of `H = E[-log pi]` is
+//! `E[-log pi(y) * dlog pi(y)]` (the `-1` of `d(-log pi)` has expectation
+//! zero), which is the gradient of `h` at `r = 1`; the ratio carries the
+//! usual importance weight on later PPO passes. It needs no full
+//! distribution, so any policy that gives log-probs of its tokens gets it.
+//! Unlike the KL term it pushes back before a step's distribution has
+//! collapsed onto one token; once it has, every estimate (this one, and
+//! the exact entropy's gradient) vanishes, so it is a guard, not a cure.
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -73,6 +103,19 @@ pub enum Algorithm {
     Ppo,
 }
 
+/// How the KL penalty is estimated per token (proto `KlEstimator`); see
+/// the module doc.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KlEstimator {
+    /// `exp(logr - logp) - (logr - logp) - 1`: its gradient pulls each
+    /// token back with a force of at most beta.
+    #[default]
+    K3,
+    /// `(logp - logr)^2 / 2`: its gradient is that of `KL(pi || pi_ref)`.
+    K2,
+}
+
 /// Hyper-parameters of the loss (from proto `Algorithm`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LossConfig {
@@ -82,6 +125,12 @@ pub struct LossConfig {
     pub clip_range: f64,
     /// `beta`, the KL penalty coefficient, >= 0.
     pub kl_coef: f64,
+    /// The per-token KL estimator the penalty backpropagates through.
+    #[serde(default)]
+    pub kl_estimator: KlEstimator,
+    /// `c`, the weight of the entropy bonus, >= 0 (0: none).
+    #[serde(default)]
+    pub entropy_coef: f64,
 }
 
 impl LossConfig {
@@ -97,6 +146,12 @@ impl LossConfig {
             return Err(LearnerError::Config(format!(
                 "algorithm.kl_coef: must be >= 0, got {}",
                 self.kl_coef
+            )));
+        }
+        if !(self.entropy_coef.is_finite() && self.entropy_coef >= 0.0) {
+            return Err(LearnerError::Config(format!(
+                "algorithm.entropy_coef: must be >= 0, got {}",
+                self.entropy_coef
             )));
         }
         Ok(())
@@ -144,12 +199,15 @@ pub struct LossStats {
     pub tokens: u64,
     /// Sequences in the micro-batch.
     pub sequences: u64,
-    /// `policy_loss + kl_penalty`.
+    /// `policy_loss + kl_penalty - entropy_bonus`.
     pub loss: f64,
     /// `-sum s / N`, the policy-gradient term.
     pub policy_loss: f64,
-    /// `beta * sum k3 / N`, the KL penalty term.
+    /// `beta * sum k / N`, the KL penalty term (k3 or k2).
     pub kl_penalty: f64,
+    /// `c * sum h / N`, the entropy bonus (subtracted from the loss).
+    #[serde(default)]
+    pub entropy_bonus: f64,
     /// Mean over sequences of `sum_t k3`, nats per sequence
     /// (`MetricPoint.kl`): the quantity the penalty acts on. Never
     /// negative, unlike k1 (`sum_t (logp - logr)`), which on rollouts from
@@ -187,6 +245,7 @@ impl LossStats {
             loss: self.loss + other.loss,
             policy_loss: self.policy_loss + other.policy_loss,
             kl_penalty: self.kl_penalty + other.kl_penalty,
+            entropy_bonus: self.entropy_bonus + other.entropy_bonus,
             kl_seq_mean: by(
                 self.kl_seq_mean,
                 self.sequences,
@@ -282,13 +341,27 @@ pub fn policy_loss(cfg: &LossConfig, inputs: &LossInputs<'_>) -> Result<LossOutp
     let ref_minus_logp = valid.where_cond(&(&reference - logp)?, &zeros)?;
     let k3 = ((ref_minus_logp.exp()? - &ref_minus_logp)? - 1.0)?;
     let k3_sum = (k3 * &mask)?.sum_all()?;
+    let penalty_sum = match cfg.kl_estimator {
+        KlEstimator::K3 => k3_sum.clone(),
+        KlEstimator::K2 => (ref_minus_logp.sqr()? * &mask)?
+            .sum_all()?
+            .affine(0.5, 0.0)?,
+    };
     // With beta = 0 the penalty stays out of the graph: 0 * inf would
     // otherwise turn a far-off reference into a NaN gradient.
-    let loss = if cfg.kl_coef > 0.0 {
-        (&policy_term + k3_sum.affine(cfg.kl_coef / n, 0.0)?)?
+    let mut loss = if cfg.kl_coef > 0.0 {
+        (&policy_term + penalty_sum.affine(cfg.kl_coef / n, 0.0)?)?
     } else {
         policy_term.clone()
     };
+    let neg_logp_const = valid.where_cond(&logp.detach().neg()?, &zeros)?;
+    let mut entropy_bonus = 0.0;
+    if cfg.entropy_coef > 0.0 {
+        let h_sum = ((&neg_logp_const * &ratio)? * &mask)?.sum_all()?;
+        loss = (loss - h_sum.affine(cfg.entropy_coef / n, 0.0)?)?;
+        entropy_bonus =
+            cfg.entropy_coef * h_sum.detach().to_dtype(DType::F64)?.to_scalar::<f64>()? / n;
+    }
 
     let scalar = |x: &Tensor| -> Result<f64, LearnerError> {
         Ok(x.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?)
@@ -297,18 +370,18 @@ pub fn policy_loss(cfg: &LossConfig, inputs: &LossInputs<'_>) -> Result<LossOutp
     let per_token = |sum: f64| if tokens > 0.0 { sum / tokens } else { 0.0 };
     let k3_total = scalar(&k3_sum)?;
     let policy_loss = scalar(&policy_term)?;
-    let kl_penalty = cfg.kl_coef * k3_total / n;
-    let logp_valid = valid.where_cond(&logp.detach(), &zeros)?;
+    let kl_penalty = cfg.kl_coef * scalar(&penalty_sum)? / n;
     let stats = LossStats {
         tokens: tokens as u64,
         sequences: b as u64,
-        loss: policy_loss + kl_penalty,
+        loss: policy_loss + kl_penalty - entropy_bonus,
         policy_loss,
         kl_penalty,
+        entropy_bonus,
         // k3 summed over a sequence's tokens, then averaged over sequences.
         kl_seq_mean: if b > 0 { k3_total / b as f64 } else { 0.0 },
         kl_k3_mean: per_token(k3_total),
-        neg_log_prob_mean: per_token(-scalar(&logp_valid.sum_all()?)?),
+        neg_log_prob_mean: per_token(scalar(&neg_logp_const.sum_all()?)?),
         clip_fraction: per_token(scalar(&clipped.to_dtype(dtype)?.sum_all()?)?),
         ratio_mean: per_token(scalar(&(ratio_const * &mask)?.sum_all()?)?),
     };

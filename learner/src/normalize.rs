@@ -28,6 +28,18 @@
 //! fresh, as its batches come from a different policy. The state is serde
 //! so it goes into the learner checkpoint; a resumed learner normalises
 //! exactly as the one that crashed would have.
+//!
+//! Group z-score. The same running statistics, kept of each score's
+//! deviation from the mean of its prompt's group (`x - mean(group)`)
+//! instead of the raw score. The advantage's leave-one-out baseline
+//! ([`crate::advantage`]) removes whatever a group shares, so only the
+//! spread *within* groups reaches the gradient; a running z-score divides
+//! by the spread of the whole batch, much of which can lie *between*
+//! prompts (an adherence score depends on the caption as much as on the
+//! clip). Two rewards with equal weights then weigh unequally in the
+//! advantage: the one whose spread lies within groups swamps the other.
+//! Dividing by the within-group spread instead makes a stage's weights
+//! mean what they say.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -52,6 +64,9 @@ pub enum NormalizationKind {
     None,
     /// Running z-score, see the module doc.
     RunningZScore,
+    /// Running z-score of the deviations from each group's mean, see the
+    /// module doc.
+    GroupZScore,
 }
 
 /// How one reward's raw scores are normalised (proto `Normalization`).
@@ -60,9 +75,9 @@ pub struct Normalization {
     /// The method.
     pub kind: NormalizationKind,
     /// Decay of the moving mean and variance per learner step, in [0, 1);
-    /// only used by [`NormalizationKind::RunningZScore`].
+    /// not used by [`NormalizationKind::None`].
     pub ema_decay: f64,
-    /// Clip normalised scores to `[-clip, clip]`; applies to both kinds.
+    /// Clip normalised scores to `[-clip, clip]`; applies to every kind.
     pub clip: Option<f64>,
 }
 
@@ -265,9 +280,11 @@ impl RewardNormalizer {
         }
     }
 
-    /// The normalised value of one raw `score` of `spec`'s reward in
-    /// `stage`. Fails for a running z-score that has not been updated yet:
-    /// normalising against no statistics would silently use the raw scale.
+    /// The normalised value of one `score` of `spec`'s reward in `stage`:
+    /// a raw score, or for [`NormalizationKind::GroupZScore`] its deviation
+    /// from its group's mean (what [`Self::prepared`] gives). Fails for a
+    /// z-score whose statistics have not been updated yet: normalising
+    /// against no statistics would silently use the raw scale.
     pub fn normalize(
         &self,
         stage: &str,
@@ -277,7 +294,7 @@ impl RewardNormalizer {
         let n = &spec.normalization;
         let z = match n.kind {
             NormalizationKind::None => score,
-            NormalizationKind::RunningZScore => {
+            NormalizationKind::RunningZScore | NormalizationKind::GroupZScore => {
                 let stats = self.stats(stage, &spec.model).ok_or_else(|| {
                     LearnerError::Config(format!(
                         "normalizer: no statistics for reward {} in stage {stage}; update before normalising",
@@ -309,41 +326,92 @@ impl RewardNormalizer {
             .collect()
     }
 
+    /// The scores of `spec`'s reward as its normaliser sees them: raw, or
+    /// for [`NormalizationKind::GroupZScore`] each minus the mean of its
+    /// group (`scores` holds consecutive groups of `group_size`). Fails,
+    /// naming the rollout, if a score is missing or not finite, or if the
+    /// batch does not split into whole groups.
+    pub fn prepared(
+        spec: &RewardSpec,
+        scores: &[HashMap<String, f64>],
+        group_size: usize,
+    ) -> Result<Vec<f64>, LearnerError> {
+        let mut xs = column(spec, scores)?;
+        if spec.normalization.kind == NormalizationKind::GroupZScore {
+            if group_size == 0 || !xs.len().is_multiple_of(group_size) {
+                return Err(LearnerError::InvalidBatch(format!(
+                    "rewards[{}]: {} rollouts do not split into whole groups of {group_size}",
+                    spec.model,
+                    xs.len()
+                )));
+            }
+            for group in xs.chunks_exact_mut(group_size) {
+                let mean = group.iter().sum::<f64>() / group_size as f64;
+                for x in group {
+                    *x -= mean;
+                }
+            }
+        }
+        Ok(xs)
+    }
+
+    /// Statistics per reward of the scores its normaliser sees
+    /// ([`Self::prepared`]): what [`Self::update`] folds in. The raw
+    /// scores' for every kind but [`NormalizationKind::GroupZScore`].
+    pub fn normalizer_stats(
+        specs: &[RewardSpec],
+        scores: &[HashMap<String, f64>],
+        group_size: usize,
+    ) -> Result<BTreeMap<String, BatchStats>, LearnerError> {
+        specs
+            .iter()
+            .map(|spec| {
+                let xs = Self::prepared(spec, scores, group_size)?;
+                Ok((spec.model.clone(), BatchStats::from_scores(&xs)))
+            })
+            .collect()
+    }
+
     /// Combined reward per rollout, `sum_k weight_k * normalize(score_k)`,
-    /// against the current statistics (no update). For ranks that hold a
-    /// shard of the batch: merge [`Self::batch_stats`] over ranks,
-    /// [`Self::update`], then call this on the local shard.
+    /// against the current statistics (no update); `scores` holds
+    /// consecutive groups of `group_size`. For ranks that hold a shard of
+    /// the batch (whole groups): merge [`Self::normalizer_stats`] over
+    /// ranks, [`Self::update`], then call this on the local shard.
     pub fn combined(
         &self,
         stage: &str,
         specs: &[RewardSpec],
         scores: &[HashMap<String, f64>],
+        group_size: usize,
     ) -> Result<Vec<f64>, LearnerError> {
         let mut combined = vec![0.0; scores.len()];
         for spec in specs {
             // A zero weight contributes nothing but its score is still
             // required and checked: it is logged, and must be valid.
-            for (c, x) in combined.iter_mut().zip(column(spec, scores)?) {
+            let xs = Self::prepared(spec, scores, group_size)?;
+            for (c, x) in combined.iter_mut().zip(xs) {
                 *c += spec.weight * self.normalize(stage, spec, x)?;
             }
         }
         Ok(combined)
     }
 
-    /// One learner step's reward combination over the whole batch: batch
-    /// statistics, one update of the running statistics, then the combined
-    /// reward of every rollout.
+    /// One learner step's reward combination over the whole batch
+    /// (consecutive groups of `group_size`): statistics, one update of the
+    /// running statistics, then the combined reward of every rollout.
     pub fn combine(
         &mut self,
         stage: &str,
         specs: &[RewardSpec],
         scores: &[HashMap<String, f64>],
+        group_size: usize,
     ) -> Result<Combined, LearnerError> {
         let raw = Self::batch_stats(specs, scores)?;
+        let seen = Self::normalizer_stats(specs, scores, group_size)?;
         for spec in specs {
-            self.update(stage, spec, &raw[&spec.model]);
+            self.update(stage, spec, &seen[&spec.model]);
         }
-        let rewards = self.combined(stage, specs, scores)?;
+        let rewards = self.combined(stage, specs, scores, group_size)?;
         Ok(Combined { rewards, raw })
     }
 }
@@ -421,7 +489,12 @@ mod tests {
         let mut n = RewardNormalizer::new();
         // Step 1, batch [1, 2, 3]: mu = 2, s2 = 2/3, z(3) = 1 / sqrt(2/3).
         let c = n
-            .combine("R", std::slice::from_ref(&s), &rows("q", &[1.0, 2.0, 3.0]))
+            .combine(
+                "R",
+                std::slice::from_ref(&s),
+                &rows("q", &[1.0, 2.0, 3.0]),
+                1,
+            )
             .unwrap();
         let st = n.stats("R", "q").unwrap();
         close(st.mean, 2.0);
@@ -433,7 +506,7 @@ mod tests {
         close(c.rewards[2], z3);
         // Step 2, batch [5, 7] (mean 6, var 1), d = 0.5:
         // mu = 0.5*2 + 0.5*6 = 4; s2 = 0.5*(2/3) + 0.5*1 + 0.25*(2-6)^2 = 29/6.
-        let c = n.combine("R", &[s], &rows("q", &[5.0, 7.0])).unwrap();
+        let c = n.combine("R", &[s], &rows("q", &[5.0, 7.0]), 1).unwrap();
         let st = n.stats("R", "q").unwrap();
         close(st.mean, 4.0);
         close(st.var, 29.0 / 6.0);
@@ -448,7 +521,7 @@ mod tests {
     fn constant_first_batch_normalises_to_zero() {
         let s = spec("q", 1.0, NormalizationKind::RunningZScore, 0.9, None);
         let mut n = RewardNormalizer::new();
-        let c = n.combine("R", &[s], &rows("q", &[4.0, 4.0])).unwrap();
+        let c = n.combine("R", &[s], &rows("q", &[4.0, 4.0]), 1).unwrap();
         assert_eq!(c.rewards, vec![0.0, 0.0]);
     }
 
@@ -457,7 +530,7 @@ mod tests {
         let none = spec("a", 1.0, NormalizationKind::None, 0.99, Some(2.0));
         let mut n = RewardNormalizer::new();
         let c = n
-            .combine("R", &[none], &rows("a", &[5.0, -0.5, -3.0]))
+            .combine("R", &[none], &rows("a", &[5.0, -0.5, -3.0]), 1)
             .unwrap();
         assert_eq!(c.rewards, vec![2.0, -0.5, -2.0]);
         assert!(n.stats("R", "a").is_none(), "NONE keeps no statistics");
@@ -465,7 +538,7 @@ mod tests {
         // z-scores of [0, 0, 0, 10]: mu = 2.5, s2 = 18.75; z(10) = 1.732..
         let z = spec("b", 1.0, NormalizationKind::RunningZScore, 0.99, Some(1.5));
         let c = n
-            .combine("R", &[z], &rows("b", &[0.0, 0.0, 0.0, 10.0]))
+            .combine("R", &[z], &rows("b", &[0.0, 0.0, 0.0, 10.0]), 1)
             .unwrap();
         close(c.rewards[0], -2.5 / (18.75f64 + 1e-8).sqrt());
         close(c.rewards[3], 1.5);
@@ -480,7 +553,7 @@ mod tests {
             HashMap::from([("a".to_owned(), 3.0), ("b".to_owned(), 20.0)]),
         ];
         let mut n = RewardNormalizer::new();
-        let c = n.combine("U", &[a, b.clone()], &scores).unwrap();
+        let c = n.combine("U", &[a, b.clone()], &scores, 1).unwrap();
         // b: mu = 15, s2 = 25, z = -1, +1 (to 1e-9).
         let z = 5.0 / (25.0f64 + 1e-8).sqrt();
         close(c.rewards[0], 2.0 * 1.0 - 0.5 * -z);
@@ -493,13 +566,76 @@ mod tests {
     }
 
     #[test]
+    fn group_z_scores_weigh_rewards_by_their_spread_within_groups() {
+        // Two prompts, K = 2. Adherence differs a lot between the prompts
+        // and by 1 within each; quality by 1 within each and not between.
+        let scores: Vec<HashMap<String, f64>> = [(0.0, 0.0), (1.0, 1.0), (10.0, 0.0), (11.0, 1.0)]
+            .iter()
+            .map(|&(a, q)| HashMap::from([("a".to_owned(), a), ("q".to_owned(), q)]))
+            .collect();
+        let kind = NormalizationKind::GroupZScore;
+        let group = [
+            spec("a", 1.0, kind, 0.9, None),
+            spec("q", 1.0, kind, 0.9, None),
+        ];
+        let mut n = RewardNormalizer::new();
+        let c = n.combine("R", &group, &scores, 2).unwrap();
+        // Deviations from the group means: -0.5, 0.5 for both rewards in
+        // both groups; their variance 0.25, so z = -1, 1 each.
+        let z = 0.5 / (0.25f64 + 1e-8).sqrt();
+        for (got, want) in c.rewards.iter().zip([-2.0 * z, 2.0 * z, -2.0 * z, 2.0 * z]) {
+            close(*got, want);
+        }
+        let st = n.stats("R", "a").unwrap();
+        close(st.mean, 0.0);
+        close(st.var, 0.25);
+        // The raw statistics are still reported.
+        close(c.raw["a"].mean, 5.5);
+        // Both rewards move the advantage equally: with K = 2 each
+        // sample's advantage is its reward less the other's, -4z and 4z ...
+        let adv = crate::advantage::leave_one_out(&c.rewards, 2).unwrap();
+        close(adv[1] - adv[0], 8.0 * z);
+        // ... where a running z-score over the batch lets quality swamp
+        // adherence: adherence's batch variance is 25.25, quality's 0.25,
+        // so a unit step of adherence within a group is worth 1/5.02 of
+        // quality's.
+        let kind = NormalizationKind::RunningZScore;
+        let running = [
+            spec("a", 1.0, kind, 0.9, None),
+            spec("q", 1.0, kind, 0.9, None),
+        ];
+        let mut n = RewardNormalizer::new();
+        let c = n.combine("R", &running, &scores, 2).unwrap();
+        let only_a = n.normalize("R", &running[0], 1.0).unwrap()
+            - n.normalize("R", &running[0], 0.0).unwrap();
+        let only_q = n.normalize("R", &running[1], 1.0).unwrap()
+            - n.normalize("R", &running[1], 0.0).unwrap();
+        close(only_a, 1.0 / (25.25f64 + 1e-8).sqrt());
+        close(only_q, 1.0 / (0.25f64 + 1e-8).sqrt());
+        assert!(c.rewards.iter().all(|r| r.is_finite()));
+    }
+
+    #[test]
+    fn group_z_scores_need_whole_groups() {
+        let s = spec("q", 1.0, NormalizationKind::GroupZScore, 0.9, None);
+        let err = RewardNormalizer::new()
+            .combine("R", &[s], &rows("q", &[1.0, 2.0, 3.0]), 2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rewards[q]") && err.contains("whole groups"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn missing_or_non_finite_scores_are_named() {
         let s = spec("q", 1.0, NormalizationKind::None, 0.99, None);
         let mut n = RewardNormalizer::new();
         let mut scores = rows("q", &[1.0, 2.0]);
         scores[1].insert("q".into(), f64::NAN);
         let err = n
-            .combine("R", std::slice::from_ref(&s), &scores)
+            .combine("R", std::slice::from_ref(&s), &scores, 1)
             .unwrap_err()
             .to_string();
         assert!(
@@ -507,7 +643,7 @@ mod tests {
             "{err}"
         );
         scores[1].clear();
-        let err = n.combine("R", &[s], &scores).unwrap_err().to_string();
+        let err = n.combine("R", &[s], &scores, 1).unwrap_err().to_string();
         assert!(err.contains("rollouts[1].scores[q]: missing"), "{err}");
     }
 
@@ -525,9 +661,14 @@ mod tests {
     fn state_round_trips_through_json() {
         let s = spec("q", 1.0, NormalizationKind::RunningZScore, 0.9, None);
         let mut n = RewardNormalizer::new();
-        n.combine("R", std::slice::from_ref(&s), &rows("q", &[0.1, 0.7, 0.3]))
-            .unwrap();
-        n.combine("R", &[s], &rows("q", &[0.9, 0.2])).unwrap();
+        n.combine(
+            "R",
+            std::slice::from_ref(&s),
+            &rows("q", &[0.1, 0.7, 0.3]),
+            1,
+        )
+        .unwrap();
+        n.combine("R", &[s], &rows("q", &[0.9, 0.2]), 1).unwrap();
         let json = serde_json::to_string(&n).unwrap();
         let back: RewardNormalizer = serde_json::from_str(&json).unwrap();
         assert_eq!(back, n);

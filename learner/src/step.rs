@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  this rank's rollouts (whole groups of K)
-//!   └─ raw scores ── local sums ──all-reduce──▶ global batch statistics
+//!   └─ scores (raw, or less their group's mean) ── local sums ──all-reduce──▶ global batch statistics
 //!        └─ RewardNormalizer::update (same on every rank) ─▶ combined reward per rollout
 //!             └─ leave-one-out baseline per group ─▶ advantage per rollout
 //!  micro-batches: policy log-probs (differentiable), reference log-probs,
@@ -129,19 +129,25 @@ impl Trainer {
             .collect();
 
         // Global reward statistics: count, sum and sum of squares per model,
-        // plus the valid tokens of the batch.
+        // of the raw scores (reported) and of what each normaliser sees
+        // (raw, or deviations from group means), plus the valid tokens of
+        // the batch. Groups are whole on every rank, so the deviations of
+        // the shards are those of the global batch.
         let local = RewardNormalizer::batch_stats(specs, &scores)?;
+        let seen = RewardNormalizer::normalizer_stats(specs, &scores, group_size)?;
         // A "token" of the loss is a decoder step: one per token for the
         // tiny policy, one per step of the delay pattern for MusicGen.
         let tokens_here: u64 = rollouts
             .iter()
             .map(|r| r.behaviour_log_probs.len() as u64)
             .sum();
-        let mut sums = Vec::with_capacity(specs.len() * 3 + 2);
-        for spec in specs {
-            let s = &local[&spec.model];
-            let n = s.count as f64;
-            sums.extend([n, s.mean * n, (s.var + s.mean * s.mean) * n]);
+        let mut sums = Vec::with_capacity(specs.len() * 6 + 2);
+        for stats in [&local, &seen] {
+            for spec in specs {
+                let s = &stats[&spec.model];
+                let n = s.count as f64;
+                sums.extend([n, s.mean * n, (s.var + s.mean * s.mean) * n]);
+            }
         }
         sums.extend([tokens_here as f64, rollouts.len() as f64]);
         sums.extend(
@@ -150,8 +156,7 @@ impl Trainer {
                 .map(|r| dropped.get(*r).copied().unwrap_or(0) as f64),
         );
         let sums = all_reduce_f64(collective, &sums)?;
-        let mut global = BTreeMap::new();
-        for (i, spec) in specs.iter().enumerate() {
+        let stats_at = |i: usize| {
             let (n, sum, sq) = (sums[3 * i], sums[3 * i + 1], sums[3 * i + 2]);
             let mean = if n > 0.0 { sum / n } else { 0.0 };
             let var = if n > 0.0 {
@@ -159,26 +164,25 @@ impl Trainer {
             } else {
                 0.0
             };
-            global.insert(
-                spec.model.clone(),
-                BatchStats {
-                    count: n.round() as u64,
-                    mean,
-                    var,
-                },
-            );
+            BatchStats {
+                count: n.round() as u64,
+                mean,
+                var,
+            }
+        };
+        let mut global = BTreeMap::new();
+        let mut global_seen = BTreeMap::new();
+        for (i, spec) in specs.iter().enumerate() {
+            global.insert(spec.model.clone(), stats_at(i));
+            global_seen.insert(spec.model.clone(), stats_at(specs.len() + i));
         }
-        let global_tokens = sums[specs.len() * 3];
-        let global_rollouts = sums[specs.len() * 3 + 1].round() as u64;
+        let rest = specs.len() * 6;
+        let global_tokens = sums[rest];
+        let global_rollouts = sums[rest + 1].round() as u64;
         let global_dropped: BTreeMap<String, u64> = DROP_REASONS
             .iter()
             .enumerate()
-            .map(|(i, r)| {
-                (
-                    (*r).to_owned(),
-                    sums[specs.len() * 3 + 2 + i].round() as u64,
-                )
-            })
+            .map(|(i, r)| ((*r).to_owned(), sums[rest + 2 + i].round() as u64))
             .collect();
         if global_tokens <= 0.0 {
             return Err(LearnerError::InvalidBatch(
@@ -186,9 +190,12 @@ impl Trainer {
             ));
         }
         for spec in specs {
-            self.normalizer.update(stage, spec, &global[&spec.model]);
+            self.normalizer
+                .update(stage, spec, &global_seen[&spec.model]);
         }
-        let combined = self.normalizer.combined(stage, specs, &scores)?;
+        let combined = self
+            .normalizer
+            .combined(stage, specs, &scores, group_size)?;
         let advantages = leave_one_out(&combined, group_size)?;
 
         // The first pass's statistics and gradient norm are the step's: they
@@ -205,6 +212,7 @@ impl Trainer {
             stats.loss,
             stats.policy_loss,
             stats.kl_penalty,
+            stats.entropy_bonus,
             stats.kl_seq_mean * stats.sequences as f64,
             stats.kl_k3_mean * stats.tokens as f64,
             stats.neg_log_prob_mean * stats.tokens as f64,
@@ -214,21 +222,22 @@ impl Trainer {
             stats.sequences as f64,
         ];
         let g = all_reduce_f64(collective, &weighted)?;
-        let (tokens, sequences) = (g[9].max(1.0), g[10].max(1.0));
+        let (tokens, sequences) = (g[10].max(1.0), g[11].max(1.0));
         Ok(StepReport {
             rewards: global,
             combined_reward_mean: g[0] / global_rollouts.max(1) as f64,
             loss: LossStats {
-                tokens: g[9] as u64,
-                sequences: g[10] as u64,
+                tokens: g[10] as u64,
+                sequences: g[11] as u64,
                 loss: g[1],
                 policy_loss: g[2],
                 kl_penalty: g[3],
-                kl_seq_mean: g[4] / sequences,
-                kl_k3_mean: g[5] / tokens,
-                neg_log_prob_mean: g[6] / tokens,
-                clip_fraction: g[7] / tokens,
-                ratio_mean: g[8] / tokens,
+                entropy_bonus: g[4],
+                kl_seq_mean: g[5] / sequences,
+                kl_k3_mean: g[6] / tokens,
+                neg_log_prob_mean: g[7] / tokens,
+                clip_fraction: g[8] / tokens,
+                ratio_mean: g[9] / tokens,
             },
             grad_norm,
             rollouts: global_rollouts,

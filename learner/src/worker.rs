@@ -45,7 +45,7 @@ use crate::checkpoint::{self, LearnerCheckpoint};
 use crate::collective::{Collective, CollectiveConfig, all_gather, connect};
 use crate::config::Config;
 use crate::error::LearnerError;
-use crate::loss::{Algorithm, LossConfig};
+use crate::loss::{Algorithm, KlEstimator, LossConfig};
 use crate::metrics::{Metrics, Phase};
 use crate::normalize::{Normalization, NormalizationKind, RewardSpec};
 use crate::optim::{AdamW, named_vars};
@@ -798,6 +798,13 @@ impl Plan {
                 },
                 clip_range: algorithm.clip_range.unwrap_or(0.2),
                 kl_coef: algorithm.kl_coef,
+                kl_estimator: if algorithm.kl_estimator == encore_proto::v1::KlEstimator::K2 as i32
+                {
+                    KlEstimator::K2
+                } else {
+                    KlEstimator::K3
+                },
+                entropy_coef: algorithm.entropy_coef.unwrap_or(0.0),
             },
             params: ParamsAdamW {
                 lr: algorithm.learning_rate,
@@ -938,6 +945,8 @@ fn reward_specs(stage: &Stage) -> Result<Vec<RewardSpec>, LearnerError> {
                 normalization: Normalization {
                     kind: if n.kind == ProtoKind::None as i32 {
                         NormalizationKind::None
+                    } else if n.kind == ProtoKind::GroupZScore as i32 {
+                        NormalizationKind::GroupZScore
                     } else {
                         NormalizationKind::RunningZScore
                     },

@@ -123,6 +123,8 @@ fn trainer() -> Trainer {
             algorithm: Algorithm::Ppo,
             clip_range: 0.2,
             kl_coef: 0.05,
+            kl_estimator: encore_learner::KlEstimator::K3,
+            entropy_coef: 0.0,
         },
         max_grad_norm: 1.0,
         micro_batch: 3,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
-use encore_learner::loss::{Algorithm, LossConfig, LossInputs, pad_rows, policy_loss};
+use encore_learner::loss::{Algorithm, KlEstimator, LossConfig, LossInputs, pad_rows, policy_loss};
 use encore_learner::optim::{AdamW, clip_global_norm, flatten_grads, named_vars, unflatten};
 
 const CPU: Device = Device::Cpu;
@@ -17,6 +17,8 @@ fn ppo(eps: f64, beta: f64) -> LossConfig {
         algorithm: Algorithm::Ppo,
         clip_range: eps,
         kl_coef: beta,
+        kl_estimator: KlEstimator::K3,
+        entropy_coef: 0.0,
     }
 }
 
@@ -320,6 +322,154 @@ fn kl_penalty_is_k3_with_gradient_one_minus_exp_of_ref_minus_logp() {
     for (i, (fd, a)) in fd.iter().zip(analytic).enumerate() {
         assert_close(&format!("finite difference [{i}]"), *fd, a, 1e-8);
     }
+}
+
+/// The softmax of logits `t`.
+fn softmax(t: &[f64]) -> Vec<f64> {
+    let z: f64 = t.iter().map(|x| x.exp()).sum();
+    t.iter().map(|x| x.exp() / z).collect()
+}
+
+#[test]
+fn k2_penalty_gradient_is_the_reverse_kl_gradient_in_expectation() {
+    // One decoder step of a 3-token softmax with logits theta against a
+    // fixed reference distribution. Averaged over the token drawn from pi,
+    // the k2 penalty's gradient must be beta * dKL(pi || ref)/dtheta; k3's
+    // is not (it follows KL(ref || pi)).
+    let theta = [1.5f64, -0.4, 0.2];
+    let reference = [0.2f64, 0.5, 0.3];
+    let kl = |t: &[f64]| -> f64 {
+        softmax(t)
+            .iter()
+            .zip(&reference)
+            .map(|(p, r)| p * (p / r).ln())
+            .sum()
+    };
+    let pi = softmax(&theta);
+    let beta = 0.3;
+    let expected_gradient = |estimator: KlEstimator| -> [f64; 3] {
+        let cfg = LossConfig {
+            kl_estimator: estimator,
+            ..ppo(0.2, beta)
+        };
+        let mut g = [0.0f64; 3];
+        for (y, &p) in pi.iter().enumerate() {
+            let (logp, logr) = (p.ln(), reference[y].ln());
+            let e = evaluate(
+                &cfg,
+                &[&[logp]],
+                &[&[logp]],
+                &[&[logr]],
+                &[0.0],
+                &[&[1.0]],
+                1.0,
+            );
+            if estimator == KlEstimator::K2 {
+                assert_close("k2 loss", e.loss, beta * 0.5 * (logp - logr).powi(2), 1e-6);
+                assert_close("k2 grad", e.grad[0][0], beta * (logp - logr), 1e-6);
+            }
+            for (j, x) in g.iter_mut().enumerate() {
+                *x += p * e.grad[0][0] * (f64::from(u8::from(y == j)) - pi[j]);
+            }
+        }
+        g
+    };
+    let k2 = expected_gradient(KlEstimator::K2);
+    let k3 = expected_gradient(KlEstimator::K3);
+    let h = 1e-6;
+    let mut k3_off = 0.0f64;
+    for j in 0..3 {
+        let (mut plus, mut minus) = (theta, theta);
+        plus[j] += h;
+        minus[j] -= h;
+        let dkl = (kl(&plus) - kl(&minus)) / (2.0 * h);
+        assert_close(
+            &format!("k2: d loss / d theta[{j}]"),
+            k2[j],
+            beta * dkl,
+            1e-6,
+        );
+        k3_off = k3_off.max((k3[j] - beta * dkl).abs());
+    }
+    assert!(
+        k3_off > 1e-2,
+        "k3 follows another gradient: {k3:?} vs {k2:?}"
+    );
+    // The reported KL is k3's with either estimator.
+    let d = -0.7f64;
+    let cfg = LossConfig {
+        kl_estimator: KlEstimator::K2,
+        ..ppo(0.2, beta)
+    };
+    let e = evaluate(
+        &cfg,
+        &[&[-1.0]],
+        &[&[-1.0]],
+        &[&[-1.0 + d]],
+        &[0.0],
+        &[&[1.0]],
+        1.0,
+    );
+    assert_close("kl_k3_mean", e.stats.kl_k3_mean, d.exp() - d - 1.0, 1e-6);
+    assert_close("kl_penalty", e.stats.kl_penalty, beta * 0.5 * d * d, 1e-6);
+}
+
+#[test]
+fn entropy_bonus_gradient_is_the_entropy_gradient_in_expectation() {
+    // One decoder step of a 3-token softmax with logits theta. The bonus
+    // acts on the sampled token only; averaged over the token drawn from pi
+    // (by enumeration), its gradient must be -c * dH/dtheta.
+    let theta = [0.3f64, -1.2, 0.8];
+    let entropy = |t: &[f64]| -> f64 { -softmax(t).iter().map(|p| p * p.ln()).sum::<f64>() };
+    let pi = softmax(&theta);
+    let c = 0.05;
+    let cfg = LossConfig {
+        entropy_coef: c,
+        ..ppo(0.2, 0.0)
+    };
+    let mut expected = [0.0f64; 3];
+    for (y, &p) in pi.iter().enumerate() {
+        let logp = p.ln();
+        // A = 0, on-policy: only the bonus. Its value is c * logp (N = 1).
+        let e = evaluate(
+            &cfg,
+            &[&[logp]],
+            &[&[logp]],
+            &[&[logp]],
+            &[0.0],
+            &[&[1.0]],
+            1.0,
+        );
+        assert_close("loss", e.loss, c * logp, 1e-6);
+        assert_close("entropy_bonus", e.stats.entropy_bonus, -c * logp, 1e-6);
+        // d loss / d logp = -c * (-logp); chain through d logp / d theta_j
+        // = [y == j] - pi_j.
+        assert_close("grad", e.grad[0][0], c * logp, 1e-6);
+        for (j, x) in expected.iter_mut().enumerate() {
+            let dlogp = f64::from(u8::from(y == j)) - pi[j];
+            *x += p * e.grad[0][0] * dlogp;
+        }
+    }
+    let h = 1e-6;
+    for (j, got) in expected.iter().enumerate() {
+        let (mut plus, mut minus) = (theta, theta);
+        plus[j] += h;
+        minus[j] -= h;
+        let dh = (entropy(&plus) - entropy(&minus)) / (2.0 * h);
+        assert_close(&format!("d loss / d theta[{j}]"), *got, -c * dh, 1e-6);
+    }
+    // Off by default, and never negative.
+    assert_eq!(ppo(0.2, 0.0).entropy_coef, 0.0);
+    let bad = LossConfig {
+        entropy_coef: -0.1,
+        ..ppo(0.2, 0.0)
+    };
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("algorithm.entropy_coef")
+    );
 }
 
 /// d loss / d logp by central differences with every input in f64 (the

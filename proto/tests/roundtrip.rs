@@ -152,6 +152,8 @@ fn job_spec() -> JobSpec {
             max_grad_norm: None,
             ppo_epochs: 2,
             sampling: Some(sampling()),
+            entropy_coef: Some(0.01),
+            kl_estimator: encore_proto::v1::KlEstimator::K2.into(),
         }),
         stages: vec![
             Stage {

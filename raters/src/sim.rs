@@ -119,9 +119,57 @@ pub const RATING_BIAS_SPREAD: f32 = 0.3;
 /// Per-rating noise, in rating points.
 pub const RATING_NOISE: f32 = 0.6;
 
-/// Stream domains of the two persona pools.
+/// Stream domains of the persona pools.
 const DOMAIN_POOL: u64 = 0x7261_7465_7200_0001;
 const DOMAIN_HELD_OUT: u64 = 0x6865_6c64_0000_0002;
+const DOMAIN_SHIFTED: u64 = 0x7368_6966_7400_0003;
+
+/// The means a population's personas are drawn around (each persona
+/// spreads around them by the `*_SPREAD` constants).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Tastes {
+    /// Mean weight of prompt adherence.
+    pub adherence_weight: f32,
+    /// Mean weight of `(quality - 3) / 2`.
+    pub quality_weight: f32,
+    /// Mean liking of each instrument, in `Instrument::ALL` order.
+    pub instrument_affinity: [f32; NUM_INSTRUMENTS],
+    /// Mean preferred median MIDI pitch.
+    pub preferred_pitch: f32,
+    /// Mean utility per unit loud fraction.
+    pub loudness: f32,
+    /// Mean preferred note rate, log2 notes per second.
+    pub preferred_rate: f32,
+}
+
+impl Tastes {
+    /// The population every dataset is labelled by, and the first
+    /// held-out judge: the constants above.
+    pub const TRAINING: Tastes = Tastes {
+        adherence_weight: ADHERENCE_WEIGHT,
+        quality_weight: QUALITY_WEIGHT,
+        instrument_affinity: INSTRUMENT_AFFINITY,
+        preferred_pitch: PREFERRED_PITCH,
+        loudness: LOUDNESS_WEIGHT,
+        preferred_rate: PREFERRED_RATE,
+    };
+
+    /// Another audience, for a judge that shares none of the training
+    /// population's means: it weighs getting what it asked for more
+    /// (adherence 3 instead of 2) and polish less (0.7 instead of 1),
+    /// likes the instruments the training raters dislike (accordion,
+    /// synth, marimba) and is lukewarm on piano, prefers a lower register
+    /// (A3 instead of E4), soft playing, and slower lines (2 notes a
+    /// second instead of 3).
+    pub const SHIFTED: Tastes = Tastes {
+        adherence_weight: 3.0,
+        quality_weight: 0.7,
+        instrument_affinity: [0.1, 0.4, 0.2, 0.0, 0.6, 0.7, 0.2, 0.5],
+        preferred_pitch: 57.0,
+        loudness: -0.3,
+        preferred_rate: 1.0,
+    };
+}
 
 /// Everything the raters hear in a clip: the attribute analysis plus the
 /// defect and taste measurements it lacks. Compute it once per clip and
@@ -393,13 +441,13 @@ impl Persona {
         }
     }
 
-    /// A persona drawn around the population mean.
-    fn sample(id: String, rng: &mut impl Rng) -> Persona {
+    /// A persona drawn around the means `tastes`.
+    fn sample(id: String, tastes: &Tastes, rng: &mut impl Rng) -> Persona {
         let log_normal = |rng: &mut _, mean: f32, spread: f32| mean * (spread * normal(rng)).exp();
         let rating_bias = RATING_BIAS_SPREAD * normal(rng);
-        let adherence_weight = log_normal(rng, ADHERENCE_WEIGHT, WEIGHT_SPREAD);
-        let quality_weight = log_normal(rng, QUALITY_WEIGHT, WEIGHT_SPREAD);
-        let mut instrument_affinity = INSTRUMENT_AFFINITY;
+        let adherence_weight = log_normal(rng, tastes.adherence_weight, WEIGHT_SPREAD);
+        let quality_weight = log_normal(rng, tastes.quality_weight, WEIGHT_SPREAD);
+        let mut instrument_affinity = tastes.instrument_affinity;
         for a in &mut instrument_affinity {
             *a += INSTRUMENT_SPREAD * normal(rng);
         }
@@ -409,9 +457,9 @@ impl Persona {
             adherence_weight,
             quality_weight,
             instrument_affinity,
-            preferred_pitch: PREFERRED_PITCH + PITCH_SPREAD * normal(rng),
-            loudness: LOUDNESS_WEIGHT + LOUDNESS_SPREAD * normal(rng),
-            preferred_rate: PREFERRED_RATE + RATE_SPREAD * normal(rng),
+            preferred_pitch: tastes.preferred_pitch + PITCH_SPREAD * normal(rng),
+            loudness: tastes.loudness + LOUDNESS_SPREAD * normal(rng),
+            preferred_rate: tastes.preferred_rate + RATE_SPREAD * normal(rng),
             temperature: log_normal(rng, TEMPERATURE, TEMPERATURE_SPREAD),
             tie_threshold: log_normal(rng, TIE_THRESHOLD, 0.3),
         }
@@ -541,13 +589,33 @@ impl Population {
 
     /// Rater `i` ("r{i}"); the same seed and index always give the same persona.
     pub fn persona(&self, i: u64) -> Persona {
-        Persona::sample(format!("r{i}"), &mut stream(self.seed, DOMAIN_POOL, i))
+        Persona::sample(
+            format!("r{i}"),
+            &Tastes::TRAINING,
+            &mut stream(self.seed, DOMAIN_POOL, i),
+        )
     }
 
     /// Held-out rater `i` ("h{i}"), from a stream disjoint from
-    /// [`Population::persona`]'s: a judge no reward model was trained on.
+    /// [`Population::persona`]'s: a judge no reward model was trained on,
+    /// with the same population means.
     pub fn held_out(&self, i: u64) -> Persona {
-        Persona::sample(format!("h{i}"), &mut stream(self.seed, DOMAIN_HELD_OUT, i))
+        Persona::sample(
+            format!("h{i}"),
+            &Tastes::TRAINING,
+            &mut stream(self.seed, DOMAIN_HELD_OUT, i),
+        )
+    }
+
+    /// Held-out rater `i` of another audience ("s{i}"): drawn around
+    /// [`Tastes::SHIFTED`] from a stream of its own, so it shares neither
+    /// personas nor population means with the raters behind the data.
+    pub fn shifted(&self, i: u64) -> Persona {
+        Persona::sample(
+            format!("s{i}"),
+            &Tastes::SHIFTED,
+            &mut stream(self.seed, DOMAIN_SHIFTED, i),
+        )
     }
 
     /// Raters `0..n`.
@@ -699,6 +767,43 @@ mod tests {
         assert!((mean(&|p| p.preferred_pitch) - PREFERRED_PITCH).abs() < 0.6);
         assert!((mean(&|p| p.instrument_affinity[0]) - INSTRUMENT_AFFINITY[0]).abs() < 0.03);
         assert!(mean(&|p| p.rating_bias).abs() < 0.05);
+    }
+
+    #[test]
+    fn the_shifted_audience_is_drawn_around_its_own_means() {
+        let pop = Population::new(5);
+        assert_eq!(pop.shifted(3), pop.shifted(3));
+        assert_eq!(pop.shifted(3).id, "s3");
+        let shifted: Vec<Persona> = (0..400).map(|i| pop.shifted(i)).collect();
+        let held: Vec<Persona> = (0..400).map(|i| pop.held_out(i)).collect();
+        let mean = |pool: &[Persona], f: &dyn Fn(&Persona) -> f32| {
+            pool.iter().map(f).sum::<f32>() / pool.len() as f32
+        };
+        let s = Tastes::SHIFTED;
+        assert!((mean(&shifted, &|p| p.preferred_pitch) - s.preferred_pitch).abs() < 0.6);
+        assert!((mean(&shifted, &|p| p.loudness) - s.loudness).abs() < 0.06);
+        let accordion = Instrument::ALL
+            .iter()
+            .position(|i| *i == Instrument::Accordion)
+            .unwrap();
+        let a = |p: &Persona| p.instrument_affinity[accordion];
+        assert!((mean(&shifted, &a) - s.instrument_affinity[accordion]).abs() < 0.05);
+        // Every mean differs from the training population's, which the
+        // first held-out judge shares.
+        assert!((mean(&held, &a) - INSTRUMENT_AFFINITY[accordion]).abs() < 0.05);
+        let t = Tastes::TRAINING;
+        assert!(s.adherence_weight > t.adherence_weight && s.quality_weight < t.quality_weight);
+        assert!(s.preferred_pitch < t.preferred_pitch - PITCH_SPREAD);
+        assert!(s.loudness < 0.0 && t.loudness > 0.0);
+        assert!(s.preferred_rate < t.preferred_rate - RATE_SPREAD);
+        for (i, (x, y)) in s
+            .instrument_affinity
+            .iter()
+            .zip(&t.instrument_affinity)
+            .enumerate()
+        {
+            assert_ne!(x, y, "instrument {i}");
+        }
     }
 
     /// Two clean clips with the same notes, differing in one taste attribute.

@@ -337,7 +337,11 @@ impl Cluster {
                                 name: (*m).to_owned(),
                                 ..ModelRef::default()
                             }),
-                            weight: 1.0,
+                            weight: if *m == "adherence" {
+                                rl.adherence_weight
+                            } else {
+                                1.0
+                            },
                             normalization: Some(Normalization {
                                 kind: NormalizationKind::RunningZScore as i32,
                                 ..Normalization::default()
@@ -368,6 +372,7 @@ impl Cluster {
                 learning_rate: rl.learning_rate,
                 warmup_steps: 5,
                 kl_coef: rl.kl_coef,
+                entropy_coef: (rl.entropy_coef > 0.0).then_some(rl.entropy_coef),
                 sampling: Some(SamplingParams {
                     max_new_tokens: u32::try_from(frames)?,
                     temperature: 1.0,

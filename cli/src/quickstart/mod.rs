@@ -113,6 +113,9 @@ pub struct RewardPlan {
     pub batch_size: usize,
     /// Channels of the audio tower.
     pub channels: usize,
+    /// Examples per step of the adherence model: each clip's caption is
+    /// told apart from the other `adherence_batch_size - 1` of its batch.
+    pub adherence_batch_size: usize,
     /// Epochs of the adherence model.
     pub adherence_epochs: usize,
     /// Epochs of the quality model.
@@ -137,6 +140,11 @@ pub struct RlPlan {
     pub learning_rate: f64,
     /// KL coefficient β.
     pub kl_coef: f64,
+    /// Weight of the adherence reward in stage R (the quality reward's is
+    /// 1).
+    pub adherence_weight: f64,
+    /// Weight of the entropy bonus (0: none).
+    pub entropy_coef: f64,
     /// Training prompts (captions of the corpus' train split).
     pub prompts: usize,
     /// Actor processes.
@@ -176,7 +184,8 @@ impl Plan {
                 rewards: RewardPlan {
                     batch_size: 32,
                     channels: 64,
-                    adherence_epochs: 8,
+                    adherence_batch_size: 128,
+                    adherence_epochs: 12,
                     quality_epochs: 5,
                     preference_epochs: 1,
                 },
@@ -186,7 +195,9 @@ impl Plan {
                     batch_size: 32,
                     samples_per_prompt: 4,
                     learning_rate: 1e-3,
-                    kl_coef: 0.05,
+                    kl_coef: 0.2,
+                    adherence_weight: 1.0,
+                    entropy_coef: 0.01,
                     prompts: 256,
                     actors: 2,
                 },
@@ -213,6 +224,7 @@ impl Plan {
                 rewards: RewardPlan {
                     batch_size: 8,
                     channels: 8,
+                    adherence_batch_size: 8,
                     adherence_epochs: 1,
                     quality_epochs: 1,
                     preference_epochs: 1,
@@ -223,7 +235,9 @@ impl Plan {
                     batch_size: 8,
                     samples_per_prompt: 2,
                     learning_rate: 1e-3,
-                    kl_coef: 0.05,
+                    kl_coef: 0.2,
+                    adherence_weight: 1.0,
+                    entropy_coef: 0.01,
                     prompts: 16,
                     actors: 2,
                 },
@@ -610,7 +624,10 @@ fn reward_models(
         let (mut model, report) = match name {
             "adherence" => train::train_adherence(
                 &data.clips,
-                &config(plan.rewards.adherence_epochs, None),
+                &TrainConfig {
+                    batch_size: plan.rewards.adherence_batch_size,
+                    ..config(plan.rewards.adherence_epochs, None)
+                },
                 &device,
                 &mut progress,
             )?,

@@ -2,8 +2,10 @@
 //!
 //! - `summary.md`: what ran, how long each phase took, the reward models'
 //!   held-out figures, the win-rate table, and where everything is;
-//! - `curves.csv`, `reward-<model>.png`, `kl.png`: every job's step metrics;
+//! - `curves.csv`, `reward-<model>.png`, `kl.png`, `entropy.png`: every
+//!   job's step metrics;
 //! - `winrates.csv`: the table as data;
+//! - `diversity.csv`: how diverse each model's evaluation clips are;
 //! - `audio/NN-<model>.wav`: the first evaluation clip of each held-out
 //!   prompt, for the base and fine-tuned models, with `audio/prompts.txt`.
 
@@ -38,6 +40,7 @@ pub(super) fn write(inputs: &Inputs<'_>) -> anyhow::Result<String> {
     let audio = audio(inputs)?;
     let table = win_table(inputs.evaluation);
     std::fs::write(dir.join("winrates.csv"), win_csv(inputs.evaluation))?;
+    std::fs::write(dir.join("diversity.csv"), diversity_csv(inputs.evaluation))?;
     std::fs::write(dir.join("summary.md"), summary(inputs, &table, &audio)?)?;
     std::fs::write(
         dir.join("plan.json"),
@@ -49,7 +52,7 @@ pub(super) fn write(inputs: &Inputs<'_>) -> anyhow::Result<String> {
 /// `curves.csv` and the plots.
 fn curves(inputs: &Inputs<'_>) -> anyhow::Result<()> {
     let mut csv = String::from(
-        "job,step,stage,combined,kl,adherence,quality,preference,clip_fraction,staleness,policy_version\n",
+        "job,step,stage,combined,kl,adherence,quality,preference,clip_fraction,staleness,policy_version,entropy\n",
     );
     for job in inputs.jobs {
         for p in &job.points {
@@ -60,7 +63,7 @@ fn curves(inputs: &Inputs<'_>) -> anyhow::Result<()> {
             };
             writeln!(
                 csv,
-                "{},{},{},{},{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{},{},{},{},{},{}",
                 job.name,
                 p.step,
                 p.stage,
@@ -71,7 +74,8 @@ fn curves(inputs: &Inputs<'_>) -> anyhow::Result<()> {
                 r("preference"),
                 p.clip_fraction,
                 p.staleness_mean,
-                p.policy_version
+                p.policy_version,
+                p.entropy
             )?;
         }
     }
@@ -122,6 +126,17 @@ fn curves(inputs: &Inputs<'_>) -> anyhow::Result<()> {
             },
         )?;
     }
+    let series = series_of(&|p| Some(p.entropy));
+    write_png(
+        &inputs.dir.join("entropy.png"),
+        &Chart {
+            title: "policy entropy (nats per step, -log p of the sampled tokens)",
+            x_label: "step",
+            y_label: "entropy",
+            series: &series,
+            markers: &markers,
+        },
+    )?;
     let series = series_of(&|p| Some(p.kl));
     write_png(
         &inputs.dir.join("kl.png"),
@@ -168,21 +183,32 @@ fn pct(x: f64) -> String {
     }
 }
 
-/// The win-rate table in Markdown.
+/// The win-rate table in Markdown: each judge population's win rate,
+/// answers and expected win rate, then the reward models'.
 fn win_table(e: &Evaluation) -> String {
-    let mut t = String::from(
-        "| comparison | held-out raters: A wins | (A / B / tie answers) | held-out raters, expected | adherence RM | quality RM | preference RM |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
-    );
+    let mut head = String::from("| comparison |");
+    let mut rule = String::from("| --- |");
+    for j in &e.judges {
+        let _ = write!(head, " {}: A wins | (A / B / tie) | expected |", j.name);
+        rule.push_str(" ---: | ---: | ---: |");
+    }
+    head.push_str(" adherence RM | quality RM | preference RM |\n");
+    rule.push_str(" ---: | ---: | ---: |\n");
+    let mut t = head + &rule;
     for p in &e.pairs {
-        let (a, b, tie) = p.held_out;
+        let _ = write!(t, "| {} vs {} |", p.a, p.b);
+        for v in &p.by_judge {
+            let (a, b, tie) = v.answers;
+            let _ = write!(
+                t,
+                " **{}** | {a} / {b} / {tie} | {} |",
+                pct(v.win_rate()),
+                pct(v.expected)
+            );
+        }
         let _ = writeln!(
             t,
-            "| {} vs {} | **{}** | {a} / {b} / {tie} | {} | {} | {} | {} |",
-            p.a,
-            p.b,
-            pct(p.held_out_win_rate()),
-            pct(p.held_out_expected),
+            " {} | {} | {} |",
             pct(p.by_reward_model[0]),
             pct(p.by_reward_model[1]),
             pct(p.by_reward_model[2]),
@@ -191,25 +217,76 @@ fn win_table(e: &Evaluation) -> String {
     t
 }
 
+/// `winrates.csv`: one row per comparison; the first judge's columns keep
+/// their `held_out_` names, the shifted judge's are `shifted_`.
 fn win_csv(e: &Evaluation) -> String {
-    let mut csv = String::from(
-        "a,b,held_out_win_rate,held_out_a,held_out_b,held_out_tie,held_out_expected,adherence_rm,quality_rm,preference_rm\n",
-    );
+    let mut csv = String::from("a,b");
+    let prefixes: Vec<&str> = e
+        .judges
+        .iter()
+        .map(|j| j.name.split_whitespace().next().unwrap_or("judge"))
+        .map(|w| if w == "held-out" { "held_out" } else { w })
+        .collect();
+    for p in &prefixes {
+        let _ = write!(csv, ",{p}_win_rate,{p}_a,{p}_b,{p}_tie,{p}_expected");
+    }
+    csv.push_str(",adherence_rm,quality_rm,preference_rm\n");
     for p in &e.pairs {
-        let (a, b, tie) = p.held_out;
+        let _ = write!(csv, "{},{}", p.a, p.b);
+        for v in &p.by_judge {
+            let (a, b, tie) = v.answers;
+            let _ = write!(csv, ",{},{a},{b},{tie},{}", v.win_rate(), v.expected);
+        }
         let _ = writeln!(
             csv,
-            "{},{},{},{a},{b},{tie},{},{},{},{}",
-            p.a,
-            p.b,
-            p.held_out_win_rate(),
-            p.held_out_expected,
-            p.by_reward_model[0],
-            p.by_reward_model[1],
-            p.by_reward_model[2]
+            ",{},{},{}",
+            p.by_reward_model[0], p.by_reward_model[1], p.by_reward_model[2]
         );
     }
     csv
+}
+
+/// `diversity.csv`: one row per model.
+fn diversity_csv(e: &Evaluation) -> String {
+    let mut csv = String::from(
+        "model,entropy,distinct,within_identical,within_near,across_identical,across_near,across_agreement\n",
+    );
+    for (model, d) in e.models.iter().zip(&e.diversity) {
+        let _ = writeln!(
+            csv,
+            "{model},{},{},{},{},{},{},{}",
+            d.entropy,
+            d.distinct,
+            d.within_identical,
+            d.within_near,
+            d.across_identical,
+            d.across_near,
+            d.across_agreement
+        );
+    }
+    csv
+}
+
+/// The diversity table in Markdown.
+fn diversity_table(e: &Evaluation) -> String {
+    let mut t = String::from(
+        "| model | entropy (nats/step) | distinct clips | same prompt: identical | near-identical | different prompts: identical | near-identical | notes agreeing |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for (model, d) in e.models.iter().zip(&e.diversity) {
+        let _ = writeln!(
+            t,
+            "| {model} | {:.3} | {} | {} | {} | {} | {} | {} |",
+            d.entropy,
+            pct(d.distinct),
+            pct(d.within_identical),
+            pct(d.within_near),
+            pct(d.across_identical),
+            pct(d.across_near),
+            pct(d.across_agreement)
+        );
+    }
+    t
 }
 
 fn summary(inputs: &Inputs<'_>, table: &str, audio: &[String]) -> anyhow::Result<String> {
@@ -234,11 +311,18 @@ fn summary(inputs: &Inputs<'_>, table: &str, audio: &[String]) -> anyhow::Result
         md,
         "Each model sampled {} clip(s) for each of {} held-out prompts; a comparison sets A's clip \
          against B's for the same prompt. **Held-out raters** are {} simulated personas whose \
-         answers trained no reward model (`Population::held_out`); each answers every comparison \
-         once, and the win rate leaves ties out. \"Expected\" is their mean choice probability, the \
-         same figure without sampling noise. A reward model's column is the share of comparisons \
+         answers trained no reward model (`Population::held_out`), drawn around the same \
+         population means as the raters behind the data. **Shifted raters** are {} personas of \
+         another audience (`Population::shifted`, `Tastes::SHIFTED`): they weigh adherence more \
+         and polish less, like the instruments the training raters dislike, and prefer a lower \
+         register, soft playing and slower lines. Each rater answers every comparison once, and \
+         the win rate leaves ties out. \"Expected\" is their mean choice probability, the same \
+         figure without sampling noise. A reward model's column is the share of comparisons \
          where A's clip scores higher.\n",
-        plan.eval.samples, plan.eval.prompts, e.raters
+        plan.eval.samples,
+        plan.eval.prompts,
+        e.judges.first().map_or(0, |j| j.raters.len()),
+        e.judges.get(1).map_or(0, |j| j.raters.len())
     )?;
     md.push_str(table);
     md.push_str(
@@ -254,14 +338,53 @@ fn summary(inputs: &Inputs<'_>, table: &str, audio: &[String]) -> anyhow::Result
          clip has) and latent quality (1-5). A reward model's score that rises while the truth \
          does not is reward hacking.\n\n",
     );
-    md.push_str("| model | adherence RM | quality RM (1-5) | preference RM (logit) | true adherence | true quality | held-out raters' utility |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    md.push_str(
+        "| model | adherence RM | quality RM (1-5) | preference RM (logit) | true adherence | true quality |",
+    );
+    for j in &e.judges {
+        write!(md, " {}' utility |", j.name)?;
+    }
+    md.push_str("\n| --- | ---: | ---: | ---: | ---: | ---: |");
+    md.push_str(&" ---: |".repeat(e.judges.len()));
+    md.push('\n');
     for (mi, model) in e.models.iter().enumerate() {
         let [a, q, p] = e.means[mi];
         let (true_a, true_q) = e.truth[mi];
+        write!(
+            md,
+            "| {model} | {a:.3} | {q:.3} | {p:.3} | {true_a:.3} | {true_q:.3} |"
+        )?;
+        for u in &e.utility[mi] {
+            write!(md, " {u:.3} |")?;
+        }
+        md.push('\n');
+    }
+
+    md.push_str("\n## Diversity\n\n");
+    writeln!(
+        md,
+        "A model that answers every prompt with the same clip has collapsed, whatever its win \
+         rate. Per-step entropy is the mean `-log p` of the sampled tokens (temperature 1). Two \
+         clips are compared by their notes: they *agree* on the frames where either starts a \
+         note and both start the same one (held and silent frames, which every clip has many \
+         of, are left out), and are near-identical when they agree on at least {:.0}% of them. \
+         \"Different prompts\" compares clip s of every pair of held-out prompts, \"same prompt\" \
+         every pair of one prompt's samples (`diversity.csv`).\n",
+        100.0 * super::eval::NEAR_IDENTICAL
+    )?;
+    md.push_str(&diversity_table(e));
+    md.push_str(
+        "\nShare of each reward model's score variance that lies between one prompt's own \
+         samples (the rest lies between prompts, which the per-prompt baseline removes):\n\n\
+         | model | adherence RM | quality RM | preference RM |\n| --- | ---: | ---: | ---: |\n",
+    );
+    for (model, w) in e.models.iter().zip(&e.within_prompt_share) {
         writeln!(
             md,
-            "| {model} | {a:.3} | {q:.3} | {p:.3} | {true_a:.3} | {true_q:.3} | {:.3} |",
-            e.held_out_utility[mi]
+            "| {model} | {} | {} | {} |",
+            pct(w[0]),
+            pct(w[1]),
+            pct(w[2])
         )?;
     }
 
@@ -273,7 +396,7 @@ fn summary(inputs: &Inputs<'_>, table: &str, audio: &[String]) -> anyhow::Result
     for model in REWARD_MODELS {
         writeln!(md, "![{model}](reward-{model}.png)\n")?;
     }
-    md.push_str("![KL](kl.png)\n\n");
+    md.push_str("![KL](kl.png)\n\n![entropy](entropy.png)\n\n");
     for job in inputs.jobs {
         if let (Some(first), Some(last)) = (job.points.first(), job.points.last()) {
             writeln!(

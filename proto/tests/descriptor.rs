@@ -110,6 +110,7 @@ fn expected_services() -> BTreeMap<String, Vec<Method>> {
         (
             "PreferenceService".to_owned(),
             vec![
+                unary("StartSession", "StartSessionRequest", "RaterSession"),
                 unary("GetPair", "GetPairRequest", "ClipPair"),
                 unary(
                     "SubmitComparisons",

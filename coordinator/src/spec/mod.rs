@@ -274,8 +274,10 @@ fn default_normalization(n: &mut Normalization) {
     if n.kind == NormalizationKind::Unspecified as i32 {
         n.kind = NormalizationKind::RunningZScore as i32;
     }
-    // ema_decay means nothing to other kinds, and validate rejects it there.
-    if n.kind == NormalizationKind::RunningZScore as i32 {
+    // ema_decay means nothing to NONE, and validate rejects it there.
+    if n.kind == NormalizationKind::RunningZScore as i32
+        || n.kind == NormalizationKind::GroupZScore as i32
+    {
         n.ema_decay.get_or_insert(DEFAULT_EMA_DECAY);
     }
 }
@@ -759,6 +761,18 @@ impl Check<'_> {
         self.positive("spec.algorithm.learning_rate", a.learning_rate);
         self.non_negative("spec.algorithm.weight_decay", a.weight_decay);
         self.non_negative("spec.algorithm.kl_coef", a.kl_coef);
+        if let Some(entropy) = a.entropy_coef {
+            self.non_negative("spec.algorithm.entropy_coef", entropy);
+        }
+        if encore_proto::v1::KlEstimator::try_from(a.kl_estimator).is_err() {
+            self.invalid(
+                "spec.algorithm.kl_estimator",
+                format!(
+                    "unknown estimator {}: KL_ESTIMATOR_K3 or KL_ESTIMATOR_K2",
+                    a.kl_estimator
+                ),
+            );
+        }
         if let Some(clip) = a.clip_range {
             self.positive("spec.algorithm.clip_range", clip);
         }

@@ -462,6 +462,8 @@ fn cases() -> Vec<Case> {
         case!("negative weight decay", valid, |s| alg(s).weight_decay = -0.1, [("spec.algorithm.weight_decay", INVALID)]),
         case!("negative kl", valid, |s| alg(s).kl_coef = -0.05, [("spec.algorithm.kl_coef", INVALID)]),
         case!("infinite kl", valid, |s| alg(s).kl_coef = f64::INFINITY, [("spec.algorithm.kl_coef", NON_FINITE)]),
+        case!("negative entropy bonus", valid, |s| alg(s).entropy_coef = Some(-0.01), [("spec.algorithm.entropy_coef", INVALID)]),
+        case!("unknown kl estimator", valid, |s| alg(s).kl_estimator = 7, [("spec.algorithm.kl_estimator", INVALID)]),
         case!("zero clip range", valid, |s| alg(s).clip_range = Some(0.0), [("spec.algorithm.clip_range", INVALID)]),
         case!("NaN clip range", valid, |s| alg(s).clip_range = Some(f64::NAN), [("spec.algorithm.clip_range", NON_FINITE)]),
         case!("negative grad norm", valid, |s| alg(s).max_grad_norm = Some(-1.0), [("spec.algorithm.max_grad_norm", INVALID)]),

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod evaluate;
 mod job;
+pub mod local_cluster;
 pub mod plot;
 mod prefs;
 mod pretrain;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail, ensure};
 use candle_core::Device;
 use clap::Parser;
+use encore_cli::local_cluster::{ClusterConfig, stop, tail, token};
 use encore_coordinator::auth::BearerToken;
 use encore_coordinator::config::AuthConfig;
 use encore_proto::v1::job_service_client::JobServiceClient;
@@ -53,16 +54,6 @@ pub fn serve_if_asked() -> Option<ExitCode> {
             ExitCode::FAILURE
         }
     })
-}
-
-/// The cluster's configuration file: one section per process, typed, so
-/// that a key the processes do not know cannot be written.
-#[derive(serde::Serialize)]
-struct ClusterConfig {
-    coordinator: encore_coordinator::Config,
-    reward_server: encore_reward_server::Config,
-    actor: encore_actor::Config,
-    learner: encore_learner::Config,
 }
 
 /// What the cluster runs on.
@@ -108,11 +99,6 @@ pub struct Cluster {
 /// A loopback port that was free a moment ago (the process binds it).
 fn port() -> u16 {
     encore_testkit::free_port()
-}
-
-/// A token nobody else on this machine can guess.
-fn token(prefix: &str) -> String {
-    format!("{prefix}-{:032x}", rand::random::<u128>())
 }
 
 /// Writes an untrained tiny base policy into `dir/base` and an untrained
@@ -395,18 +381,8 @@ impl Cluster {
             let Some(mut child) = p.child.take() else {
                 continue;
             };
-            if let Some(pid) = child.id() {
-                // SAFETY: kill(2) on our own child's pid, not yet reaped.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-            }
-            match tokio::time::timeout(EXIT, child.wait()).await {
-                Ok(Ok(status)) if status.success() => {}
-                Ok(Ok(status)) => failed.push(format!("{} ({status})", p.name)),
-                Ok(Err(e)) => failed.push(format!("{} ({e})", p.name)),
-                Err(_) => {
-                    let _ = child.kill().await;
-                    failed.push(format!("{} (no exit {EXIT:?} after SIGTERM)", p.name));
-                }
+            if let Err(why) = stop(&mut child, EXIT).await {
+                failed.push(format!("{} ({why})", p.name));
             }
         }
         if !failed.is_empty() {
@@ -418,11 +394,4 @@ impl Cluster {
         }
         Ok(())
     }
-}
-
-/// The last `lines` lines of a log file.
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -25,6 +25,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use super::Plan;
+use crate::local_cluster::{ClusterConfig, stop, tail, token};
 
 /// The client token the quick start submits jobs with.
 const CLIENT: &str = "quickstart";
@@ -32,16 +33,6 @@ const CLIENT: &str = "quickstart";
 const STALL: Duration = Duration::from_secs(300);
 
 type Jobs = JobServiceClient<InterceptedService<Channel, BearerToken>>;
-
-/// The cluster's configuration file: one section per process, typed, so
-/// a key the processes do not know cannot be written.
-#[derive(serde::Serialize)]
-struct ClusterConfig {
-    coordinator: encore_coordinator::Config,
-    reward_server: encore_reward_server::Config,
-    actor: encore_actor::Config,
-    learner: encore_learner::Config,
-}
 
 /// One child process.
 struct Process {
@@ -77,12 +68,6 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?
         .local_addr()?
         .port())
-}
-
-/// A token nobody can guess, so that a stray process on this machine
-/// cannot join the cluster.
-fn token(prefix: &str) -> String {
-    format!("{prefix}-{:032x}", rand::random::<u128>())
 }
 
 impl Cluster {
@@ -399,18 +384,8 @@ impl Cluster {
         self.processes.reverse();
         let mut failed = Vec::new();
         for p in &mut self.processes {
-            if let Some(pid) = p.child.id() {
-                // SAFETY: kill(2) on our own child's pid, not yet reaped.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-            }
-            match tokio::time::timeout(Duration::from_secs(20), p.child.wait()).await {
-                Ok(Ok(status)) if status.success() => {}
-                Ok(Ok(status)) => failed.push(format!("{} ({status})", p.name)),
-                Ok(Err(e)) => failed.push(format!("{} ({e})", p.name)),
-                Err(_) => {
-                    let _ = p.child.kill().await;
-                    failed.push(format!("{} (no exit 20 s after SIGTERM)", p.name));
-                }
+            if let Err(why) = stop(&mut p.child, Duration::from_secs(20)).await {
+                failed.push(format!("{} ({why})", p.name));
             }
         }
         if !failed.is_empty() {
@@ -484,11 +459,4 @@ fn describe_point(p: &MetricPoint) -> String {
     }
     parts.push(format!("KL {:.2}", p.kl));
     parts.join(" ")
-}
-
-/// The last `lines` lines of a log file.
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -334,9 +334,14 @@ pub fn member_id_of(caller: &Caller) -> Result<&str, Error> {
 /// gone, is FAILED_PRECONDITION (reason LEASE_EXPIRED): it registers again.
 /// A token whose secret does not match is UNAUTHENTICATED.
 pub async fn verify_member(store: &dyn Store, caller: &Caller) -> Result<MemberRecord, Error> {
-    let member_id = member_id_of(caller)?;
-    let Caller::Member { secret_sha256, .. } = caller else {
-        unreachable!("member_id_of passed a member");
+    let Caller::Member {
+        member_id,
+        secret_sha256,
+    } = caller
+    else {
+        return Err(member_id_of(caller)
+            .err()
+            .unwrap_or_else(|| Error::PermissionDenied("this rpc takes a member token".into())));
     };
     match store.get_member(member_id).await? {
         Some(record) if record.member.token_sha256 != secret_sha256 => Err(Error::Unauthenticated(

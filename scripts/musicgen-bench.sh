@@ -5,7 +5,7 @@
 # `small` has facebook/musicgen-small's shapes (a 24-layer, 1024-wide decoder,
 # T5-base, 32 kHz EnCodec; about 2.4 GB of f32 weights). Checkpoints are
 # written once into target/musicgen-bench/SIZE with transformers (installed
-# into target/musicgen-venv). Prints a markdown table.
+# into target/musicgen-venv). Prints a markdown table and the CPU it ran on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sizes=tiny,small batches=1,8,32 frames=50 repeats=1
@@ -38,3 +38,9 @@ for size in ${sizes//,/ }; do
     echo "| $size | $b | $ocps | $tcps | ${ratio}x | $odec | $tdec |"
   done
 done
+# Ratios depend on the host (MKL takes other code paths on AMD than on
+# Intel CPUs): say which one this was.
+cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)
+versions=$("$venv/bin/python" -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")' 2>/dev/null)
+echo
+echo "CPU: ${cpu:-unknown}, $(nproc) cores; $versions"

@@ -24,7 +24,7 @@ pub use checkpoint::{
     named_tensors, read_config, write_atomically,
 };
 pub use config::{PolicyConfig, Preset};
-pub use device::device;
+pub use device::{SPIN_LIMIT_VAR, device, park_idle_cpu_workers};
 pub use error::ModelError;
 pub use policy::{KvCache, Policy};
 pub use sample::{Samples, SamplingParams, choose, log_softmax_at, sample};

@@ -17,6 +17,9 @@ use encore_model::SamplingParams;
 use encore_musicgen::{GenerateParams, Musicgen};
 
 fn main() {
+    // As Encore's binaries run: candle's idle element-wise workers sleep.
+    // SAFETY: the first statement of `main`; no other thread exists yet.
+    unsafe { encore_model::park_idle_cpu_workers() };
     let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
     let mut dir = None;
     let (mut batches, mut frames, mut repeats) = (vec![1usize, 8, 32], 50usize, 1usize);

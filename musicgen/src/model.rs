@@ -3,6 +3,7 @@
 //! transformers' `generate`: behaviour log-probs from the sampler, and
 //! differentiable teacher-forced log-probs for the learner.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -205,8 +206,6 @@ impl Musicgen {
             .text
             .lock()
             .map_err(|_| MusicgenError::Input("text encoder lock poisoned".into()))?;
-        let mut rows = Vec::with_capacity(ids.len());
-        let mut mask = Vec::with_capacity(ids.len() * width);
         for row in ids {
             if row.is_empty() {
                 return Err(MusicgenError::Input(
@@ -218,9 +217,36 @@ impl Musicgen {
                     "prompts: token id {bad} outside the vocabulary of {vocab}"
                 )));
             }
-            let input = Tensor::new(row.as_slice(), &self.device)?.unsqueeze(0)?;
-            let states = text.forward(&input)?.squeeze(0)?;
-            rows.push(states.pad_with_zeros(0, 0, width - row.len())?);
+        }
+        // candle's T5 takes no attention mask, so a padded row would attend
+        // to its padding. Prompts of one length run as one batch instead
+        // (no padding inside the encoder, so each row's states are what it
+        // gets alone), and a prompt repeated in the batch (each of a
+        // group's K samples) is encoded once. One forward per row made T5
+        // cost more than the whole decoding at batch 32.
+        let mut by_length: BTreeMap<usize, Vec<&[u32]>> = BTreeMap::new();
+        for row in ids {
+            let group = by_length.entry(row.len()).or_default();
+            if !group.contains(&row.as_slice()) {
+                group.push(row);
+            }
+        }
+        let mut encoded: HashMap<&[u32], Tensor> = HashMap::new();
+        for (len, group) in by_length {
+            let input = Tensor::from_vec(group.concat(), (group.len(), len), &self.device)?;
+            let states = text.forward(&input)?;
+            for (n, row) in group.into_iter().enumerate() {
+                encoded.insert(row, states.get(n)?.pad_with_zeros(0, 0, width - len)?);
+            }
+        }
+        let mut rows = Vec::with_capacity(ids.len());
+        let mut mask = Vec::with_capacity(ids.len() * width);
+        for row in ids {
+            let states = encoded
+                .get(row.as_slice())
+                .cloned()
+                .ok_or_else(|| MusicgenError::Input("prompts: a prompt was not encoded".into()))?;
+            rows.push(states);
             mask.extend((0..width).map(|i| if i < row.len() { 1f32 } else { 0.0 }));
         }
         let states = Tensor::stack(&rows, 0)?;

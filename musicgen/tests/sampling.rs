@@ -159,3 +159,48 @@ fn teacher_forced_log_probs_have_gradients_in_the_decoder() {
         "only the decoder and the projection are trainable"
     );
 }
+
+#[test]
+fn a_batch_of_prompts_encodes_each_prompt_as_it_encodes_alone() {
+    let (_dir, model) = checkpoint();
+    // Two lengths, a repeated prompt, and rows out of length order.
+    let ids: Vec<Vec<u32>> = vec![
+        vec![3, 4, 5, 1],
+        vec![6, 1],
+        vec![3, 4, 5, 1],
+        vec![7, 8, 9, 10, 1],
+        vec![2, 1],
+    ];
+    let (states, mask) = model.encode_text(&ids).expect("batch");
+    assert_eq!(states.dims3().expect("dims"), (5, 5, 32));
+    for (i, row) in ids.iter().enumerate() {
+        let (alone, _) = model.encode_text(std::slice::from_ref(row)).expect("alone");
+        let batched = states
+            .get(i)
+            .expect("row")
+            .narrow(0, 0, row.len())
+            .expect("text");
+        let gap = (batched - alone.get(0).expect("row"))
+            .expect("sub")
+            .abs()
+            .expect("abs")
+            .max_all()
+            .expect("max")
+            .to_scalar::<f32>()
+            .expect("scalar");
+        assert!(gap < 1e-5, "row {i}: batched and alone differ by {gap}");
+        let padding = states
+            .get(i)
+            .expect("row")
+            .narrow(0, row.len(), 5 - row.len());
+        let padding = padding
+            .expect("pad")
+            .abs()
+            .expect("abs")
+            .sum_all()
+            .expect("sum");
+        assert_eq!(padding.to_scalar::<f32>().expect("scalar"), 0.0, "row {i}");
+        let m = mask.get(i).expect("mask").to_vec1::<f32>().expect("mask");
+        assert_eq!(m.iter().sum::<f32>() as usize, row.len(), "row {i}");
+    }
+}

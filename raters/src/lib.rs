@@ -14,7 +14,7 @@
 //! Corpus prompt --generate::candidate--> two clips (tastes vary where the caption is silent,
 //!                                        corrupted at a random severity)
 //!     --Persona::prefer / Persona::rate--> PreferenceRecord / RatingRecord --write_jsonl--> *.jsonl
-//!     --> reward-model training (encore-reward), and ceilings: how well any model could do
+//!     --> reward-model training (encore-reward-train), and ceilings: how well any model could do
 //! ```
 //!
 //! - [`records`]: the record types, JSONL reading and atomic writing, validation;
@@ -40,7 +40,7 @@ pub use records::{
     Choice, ClipRecord, PairClip, PreferenceRecord, RatingRecord, RecordError, Truth, Validate,
     read_jsonl, read_valid_jsonl, write_jsonl,
 };
-pub use sim::{Features, Persona, Population, quality};
+pub use sim::{Features, Persona, Population, UtilityParts, quality};
 pub use stats::{pearson, spearman};
 
 /// SplitMix64 finaliser: spreads nearby seeds over the whole key space.

@@ -399,6 +399,49 @@ fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
 
+/// A persona's utility of one clip, term by term; the terms sum to
+/// [`Persona::utility_of`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct UtilityParts {
+    /// `adherence_weight * adherence`.
+    pub adherence: f32,
+    /// `quality_weight * (quality - 3) / 2`.
+    pub quality: f32,
+    /// Liking of the instruments played.
+    pub instrument: f32,
+    /// Closeness of the median pitch to the preferred one.
+    pub register: f32,
+    /// Liking of loud or soft playing.
+    pub loudness: f32,
+    /// Closeness of the note rate to the preferred one.
+    pub rate: f32,
+}
+
+impl UtilityParts {
+    /// The taste terms: instrument, register, loudness and note rate.
+    pub fn taste(&self) -> f32 {
+        self.instrument + self.register + self.loudness + self.rate
+    }
+
+    /// The terms in field order: adherence, quality, instrument, register,
+    /// loudness, note rate.
+    pub fn terms(&self) -> [f32; 6] {
+        [
+            self.adherence,
+            self.quality,
+            self.instrument,
+            self.register,
+            self.loudness,
+            self.rate,
+        ]
+    }
+
+    /// The whole utility.
+    pub fn total(&self) -> f32 {
+        self.adherence + self.quality + self.taste()
+    }
+}
+
 /// One rater's tastes and habits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Persona {
@@ -474,18 +517,35 @@ impl Persona {
 
     /// [`Persona::utility`] of a clip already measured.
     pub fn utility_of(&self, attrs: &Attributes, mentioned: &Mentioned, clip: &Features) -> f32 {
-        let adherence = clip.analysis.prompt_adherence(attrs, mentioned);
-        self.adherence_weight * adherence
-            + self.quality_weight * (clip.quality - 3.0) / 2.0
-            + self.taste(clip)
+        self.utility_parts(attrs, mentioned, clip).total()
     }
 
     /// The part of the utility that neither adherence nor quality explains:
     /// instrument, register, loudness and note rate. 0 without notes.
     pub fn taste(&self, clip: &Features) -> f32 {
+        self.taste_terms(clip).taste()
+    }
+
+    /// [`Persona::utility_of`] term by term: what a change in utility is
+    /// made of.
+    pub fn utility_parts(
+        &self,
+        attrs: &Attributes,
+        mentioned: &Mentioned,
+        clip: &Features,
+    ) -> UtilityParts {
+        UtilityParts {
+            adherence: self.adherence_weight * clip.analysis.prompt_adherence(attrs, mentioned),
+            quality: self.quality_weight * (clip.quality - 3.0) / 2.0,
+            ..self.taste_terms(clip)
+        }
+    }
+
+    /// The taste terms of [`UtilityParts`], the others 0.
+    fn taste_terms(&self, clip: &Features) -> UtilityParts {
         let a = &clip.analysis;
         let Some(median) = a.median_pitch else {
-            return 0.0;
+            return UtilityParts::default();
         };
         let instrument: f32 = clip
             .instrument_fractions
@@ -501,7 +561,13 @@ impl Persona {
                 self.preferred_rate,
                 RATE_WIDTH,
             );
-        instrument + register + loudness + rate
+        UtilityParts {
+            instrument,
+            register,
+            loudness,
+            rate,
+            ..UtilityParts::default()
+        }
     }
 
     /// A 1-5 rating of the clip's quality, like a MOS listening test:
@@ -819,10 +885,9 @@ mod tests {
         (a, b)
     }
 
-    #[test]
-    fn taste_decides_between_equally_good_clips() {
-        let pop = Population::new(1);
-        let attrs = Attributes {
+    /// Calm piano in D major, moderate in every other attribute.
+    fn calm_piano() -> Attributes {
+        Attributes {
             instrument: Instrument::Piano,
             tempo: Tempo::Moderate,
             tonic: 2,
@@ -830,7 +895,13 @@ mod tests {
             mood: Mood::Calm,
             density: Density::Moderate,
             register: Register::Middle,
-        };
+        }
+    }
+
+    #[test]
+    fn taste_decides_between_equally_good_clips() {
+        let pop = Population::new(1);
+        let attrs = calm_piano();
         // The caption only asks for calm music: instrument and register are free.
         let mentioned = Mentioned {
             mood: true,
@@ -857,6 +928,32 @@ mod tests {
             }
         }
         assert_eq!(checked, 20);
+    }
+
+    #[test]
+    fn the_utility_parts_sum_to_the_utility_and_name_what_differs() {
+        let attrs = calm_piano();
+        let mentioned = Mentioned {
+            instrument: true,
+            mood: true,
+            ..Mentioned::default()
+        };
+        let persona = Persona::typical();
+        let (piano, accordion) = variants(attrs, 3, |a| a.instrument = Instrument::Accordion);
+        let (fp, fa) = (Features::of(&piano), Features::of(&accordion));
+        for f in [&fp, &fa] {
+            let parts = persona.utility_parts(&attrs, &mentioned, f);
+            assert_eq!(parts.total(), persona.utility_of(&attrs, &mentioned, f));
+            assert_eq!(parts.taste(), persona.taste(f));
+        }
+        // The accordion misses the instrument the prompt asks for and is
+        // liked less; register, loudness and rate are the same clip's.
+        let (p, a) = (
+            persona.utility_parts(&attrs, &mentioned, &fp),
+            persona.utility_parts(&attrs, &mentioned, &fa),
+        );
+        assert!(p.adherence > a.adherence, "{p:?} {a:?}");
+        assert!(p.instrument > a.instrument, "{p:?} {a:?}");
     }
 
     #[test]

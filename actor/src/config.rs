@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use encore_coordinator::config::CoordinatorTls;
+use encore_client::CoordinatorTls;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -89,7 +89,7 @@ impl Config {
         let bad = |key: &str, why: String| Err(Error::Config(format!("{SECTION}.{key}: {why}")));
         encore_config::check_url(&format!("{SECTION}.coordinator"), &self.coordinator)
             .map_err(|e| Error::Config(e.to_string()))?;
-        encore_coordinator::member::endpoint(&self.coordinator, self.tls.as_ref())
+        encore_client::endpoint::endpoint(&self.coordinator, self.tls.as_ref())
             .map_err(|e| Error::Config(format!("{SECTION}.{e}")))?;
         if self.queue_max_batches == 0 {
             return bad("queue_max_batches", "must be at least 1".into());

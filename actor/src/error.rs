@@ -29,9 +29,6 @@ pub enum Error {
         #[source]
         source: tonic::transport::Error,
     },
-    /// The member's lease is gone; the actor registers again.
-    #[error("the lease expired")]
-    LeaseExpired,
     /// The assignment changed (or the job ended) while working on it.
     #[error("the assignment changed")]
     Reassigned,
@@ -80,16 +77,11 @@ impl Error {
         use tonic::Code;
         match self {
             Error::Store(encore_store::StoreError::Backend(_)) | Error::Weights(_) => true,
-            Error::Rpc { status, .. } => matches!(
-                status.code(),
-                // A connection reset mid-call surfaces as UNKNOWN.
-                Code::Unavailable
-                    | Code::Unknown
-                    | Code::Cancelled
-                    | Code::DeadlineExceeded
-                    | Code::Aborted
-                    | Code::ResourceExhausted
-            ),
+            // Away for now, or a reward server shedding load.
+            Error::Rpc { status, .. } => {
+                encore_client::endpoint::is_unreachable(status)
+                    || matches!(status.code(), Code::Aborted | Code::ResourceExhausted)
+            }
             _ => false,
         }
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use encore_coordinator::auth::BearerToken;
+use encore_client::BearerToken;
 use encore_proto::v1::reward_service_client::RewardServiceClient;
 use encore_proto::v1::{RewardEndpoint, Score, ScoreItem, ScoreRequest};
 use tokio::task::JoinSet;

@@ -20,19 +20,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use encore_coordinator::auth::BearerToken;
-use encore_coordinator::member::{CoordinatorClient, Membership, WeightClient, instance_id};
-use encore_coordinator::weights::client::fetch_to_file;
+use encore_client::BearerToken;
+use encore_client::member::{self, CoordinatorClient, Membership, WeightClient, instance_id};
+use encore_client::weights::fetch_to_file;
 use encore_model::SamplingParams;
 use encore_policies::AnyPolicy;
 use encore_proto::v1::{
-    ActorAssignment, Assignment, Capabilities, DeviceKind, GetManifestRequest, Resources, Role,
-    Rollout, RolloutQueue, ScoreItem, ScoredBatch, WeightManifest, assignment,
+    ActorAssignment, GetManifestRequest, Role, Rollout, RolloutQueue, ScoreItem, ScoredBatch,
+    WeightManifest, assignment,
 };
 use encore_store::{AppendOutcome, Queue};
 use prost::Message;
 use prost_types::Timestamp;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -48,6 +47,12 @@ pub struct Actor {
     metrics: Metrics,
     device: Device,
     coordinator: CoordinatorClient,
+}
+
+impl member::MemberWork for Actor {
+    fn with_membership(&self, membership: &Membership) -> impl Future<Output = ()> + Send {
+        self.work(membership)
+    }
 }
 
 impl Actor {
@@ -78,67 +83,21 @@ impl Actor {
         } else {
             self.config.instance_id.clone()
         };
-        let mut backoff = Duration::from_millis(100);
-        while !shutdown.is_cancelled() {
-            match self.membership(&instance, &shutdown).await {
-                Ok(()) => break,
-                Err(Error::LeaseExpired) => {
-                    tracing::warn!("lease lost; registering again");
-                    backoff = Duration::from_millis(100);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "coordinator unreachable or refused; retrying");
-                    tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(self.config.max_backoff());
-                }
-            }
-        }
+        member::stay_joined(
+            &self.coordinator,
+            Role::Actor,
+            member::capabilities(self.device.is_cuda()),
+            &instance,
+            self.config.max_backoff(),
+            &shutdown,
+            self,
+        )
+        .await;
         Ok(())
     }
 
-    /// One membership: register, then work until the lease is lost
-    /// (`LeaseExpired`) or `shutdown` (then deregister, `Ok`).
-    async fn membership(&self, instance: &str, shutdown: &CancellationToken) -> Result<()> {
-        let capabilities = Capabilities {
-            resources: Some(Resources {
-                device: if self.device.is_cuda() {
-                    DeviceKind::Cuda
-                } else {
-                    DeviceKind::Cpu
-                } as i32,
-                device_count: u32::from(self.device.is_cuda()),
-                cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-                ..Resources::default()
-            }),
-            software_version: encore_coordinator::cluster::SOFTWARE_VERSION.into(),
-            ..Capabilities::default()
-        };
-        let membership = Membership::join(
-            &self.coordinator,
-            Role::Actor,
-            capabilities,
-            instance,
-            shutdown,
-        )
-        .await
-        .map_err(|s| Error::rpc("Register", s))?;
-        let worked = self.work(&membership).await;
-        membership.leave("shutdown").await;
-        if shutdown.is_cancelled() {
-            return Ok(());
-        }
-        match worked {
-            // The work only ends on its own when the lease is gone.
-            Err(Error::ShuttingDown) | Ok(()) => Err(Error::LeaseExpired),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Runs each assignment as it comes until `lost` fires.
-    async fn work(&self, membership: &Membership) -> Result<()> {
+    /// Runs each assignment as it comes until the membership ends.
+    async fn work(&self, membership: &Membership) {
         let member_id = membership.member_id.as_str();
         let mut assigned = membership.assignments.clone();
         let lost = &membership.lost;
@@ -154,18 +113,15 @@ impl Actor {
             membership.update_status(|s| s.applied_generation = generation);
             let outcome = match job {
                 Some((job_id, work, queue)) => {
-                    let changed = assigned.clone();
                     let queue = queue.unwrap_or_default();
-                    self.run_job(
-                        member_id, &job_id, &work, &queue, changed, generation, membership,
-                    )
-                    .await
+                    self.run_job(member_id, &job_id, &work, &queue, generation, membership)
+                        .await
                 }
                 None => Err(Error::Reassigned),
             };
             match outcome {
                 Err(Error::Reassigned) => {}
-                Err(Error::ShuttingDown) => return Ok(()),
+                Err(Error::ShuttingDown) => return,
                 // The coordinator, the queue or a reward server away for now
                 // (restarting, a connection cut mid-call): the same
                 // assignment goes on after a pause, with a new batch. (A
@@ -174,7 +130,7 @@ impl Actor {
                 Err(e) if e.is_transient() => {
                     tracing::warn!(error = %e, "the job failed on this actor for now; working on after a pause");
                     tokio::select! {
-                        () = lost.cancelled() => return Ok(()),
+                        () = lost.cancelled() => return,
                         () = tokio::time::sleep(self.config.max_backoff()) => {}
                     }
                     continue;
@@ -185,8 +141,8 @@ impl Actor {
                 Ok(()) => {}
             }
             tokio::select! {
-                () = lost.cancelled() => return Ok(()),
-                changed = assigned.changed() => if changed.is_err() { return Ok(()) },
+                () = lost.cancelled() => return,
+                changed = assigned.changed() => if changed.is_err() { return },
             }
         }
     }
@@ -200,30 +156,17 @@ impl Actor {
         job_id: &str,
         work: &ActorAssignment,
         queue: &RolloutQueue,
-        assigned: watch::Receiver<Assignment>,
         generation: u64,
         membership: &Membership,
     ) -> Result<()> {
         let lost = &membership.lost;
         tracing::info!(job_id, stage = %work.stage, generation, "working on job");
-        let cancel = lost.child_token();
         // Ends the batch loop's waits as soon as the assignment changes.
-        let watcher = {
-            let cancel = cancel.clone();
-            let mut assigned = assigned.clone();
-            tokio::spawn(async move {
-                while assigned.changed().await.is_ok() {
-                    if assigned.borrow().generation != generation {
-                        break;
-                    }
-                }
-                cancel.cancel();
-            })
-        };
+        let scope = membership.assignment_scope(generation);
         let result = self
-            .batches(member_id, job_id, work, queue, membership, &cancel)
+            .batches(member_id, job_id, work, queue, membership, &scope.cancel)
             .await;
-        watcher.abort();
+        drop(scope);
         match result {
             Err(Error::ShuttingDown) if !lost.is_cancelled() => Err(Error::Reassigned),
             other => other,
@@ -244,7 +187,7 @@ impl Actor {
                 .as_ref()
                 .ok_or_else(|| Error::Config("the assignment has no prompt shard".into()))?,
         )?;
-        let store = encore_coordinator::queue::open_queue(&queue.uri, &self.coordinator).await?;
+        let store = encore_client::queue::open_queue(&queue.uri, &self.coordinator).await?;
         let group = if queue.consumer_group.is_empty() {
             "learners"
         } else {
@@ -400,9 +343,8 @@ impl Actor {
     ) -> Result<()> {
         let mut backoff = Duration::from_millis(10);
         loop {
-            let len = store.len(job_id).await?;
-            let pending = store.pending(job_id, group).await?;
-            if len.saturating_sub(pending) < lead {
+            let counts = store.stats(job_id, group).await?;
+            if counts.len.saturating_sub(counts.pending) < lead {
                 return Ok(());
             }
             self.metrics.ahead_waits.with_label_values(&[job_id]).inc();

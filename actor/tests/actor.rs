@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use candle_core::Device;
 use encore_actor::Config as ActorConfig;
-use encore_coordinator::auth::BearerToken;
+use encore_client::BearerToken;
+use encore_client::weights::{PublishData, publish};
 use encore_coordinator::config::AuthConfig;
-use encore_coordinator::weights::client::{PublishData, publish};
 use encore_coordinator::{Config, Coordinator};
 use encore_model::{Preset, TrainablePolicy};
 use encore_proto::v1::cluster_service_client::ClusterServiceClient;
@@ -228,7 +228,7 @@ async fn an_actor_samples_scores_and_queues_rollouts_and_follows_new_weights() {
                 })
                 .collect(),
             address,
-            software_version: encore_coordinator::cluster::SOFTWARE_VERSION.into(),
+            software_version: encore_client::SOFTWARE_VERSION.into(),
             ..Capabilities::default()
         }),
         instance_id: format!("{role:?}"),

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use encore_coordinator::auth::BearerToken;
-use encore_coordinator::config::CoordinatorTls;
+use encore_client::BearerToken;
+use encore_client::CoordinatorTls;
 use encore_proto::v1::job_service_client::JobServiceClient;
 use encore_proto::v1::{
     CancelJobRequest, GetJobRequest, Job, JobSpec, JobState, ListJobsRequest, MetricPoint, Page,
@@ -123,7 +123,7 @@ async fn run_async(args: JobArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let tls = args.tls_ca.clone().map(|ca| CoordinatorTls { ca });
-    let endpoint = encore_coordinator::member::endpoint(&args.coordinator, tls.as_ref())
+    let endpoint = encore_client::endpoint::endpoint(&args.coordinator, tls.as_ref())
         // Named by the flags, not the config keys.
         .map_err(
             |e| match e.strip_prefix("tls.ca: ").or(e.strip_prefix("tls: ")) {

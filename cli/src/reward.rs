@@ -9,7 +9,7 @@ use encore_raters::records::{
     ClipRecord, PreferenceRecord, RatingRecord, read_valid_jsonl, write_jsonl,
 };
 use encore_reward::RewardKind;
-use encore_reward::train::{Evaluation, Progress, TrainConfig, TrainReport};
+use encore_reward_train::{Evaluation, Progress, TrainConfig, TrainReport};
 use serde::Serialize;
 
 /// `encore reward ...`.
@@ -184,17 +184,17 @@ fn train(config: Option<&Path>, args: TrainArgs) -> anyhow::Result<()> {
         RewardKind::Adherence => {
             let records: Vec<ClipRecord> =
                 read_valid_jsonl(&args.data).with_context(|| read("clips"))?;
-            encore_reward::train::train_adherence(&records, &cfg, &device, &mut progress)?
+            encore_reward_train::train_adherence(&records, &cfg, &device, &mut progress)?
         }
         RewardKind::Quality => {
             let records: Vec<RatingRecord> =
                 read_valid_jsonl(&args.data).with_context(|| read("ratings"))?;
-            encore_reward::train::train_quality(&records, &cfg, &device, &mut progress)?
+            encore_reward_train::train_quality(&records, &cfg, &device, &mut progress)?
         }
         RewardKind::Preference => {
             let records: Vec<PreferenceRecord> =
                 read_valid_jsonl(&args.data).with_context(|| read("preferences"))?;
-            encore_reward::train::train_preference(&records, &cfg, &device, &mut progress)?
+            encore_reward_train::train_preference(&records, &cfg, &device, &mut progress)?
         }
     };
     bar.finish_and_clear();

@@ -228,7 +228,7 @@ fn sample_musicgen(
 /// Scales a clip so its peak sits at -1 dBFS. The codec leaves headroom for
 /// loud notes, which makes single clips quiet to listen to; reward models
 /// score the codec's own levels, so only files written for people are scaled.
-pub(crate) fn normalise(mut audio: Vec<f32>) -> Vec<f32> {
+pub fn normalise(mut audio: Vec<f32>) -> Vec<f32> {
     let peak = audio.iter().fold(0f32, |m, x| m.max(x.abs()));
     if peak > 1e-6 {
         let gain = 0.89 / peak;

@@ -25,7 +25,7 @@
 //! does not leak a token's prefix through timing.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use encore_proto::v1::{Role, assignment};
 use encore_store::{MemberRecord, Store, StoredJob};
@@ -186,78 +186,6 @@ impl Authenticator {
         }
         parse_member_token(token)
             .ok_or_else(|| Error::Unauthenticated("unknown bearer token".into()))
-    }
-}
-
-type HeaderValue = tonic::metadata::MetadataValue<tonic::metadata::Ascii>;
-
-/// The client side: a tonic interceptor adding `authorization: Bearer
-/// <token>` to every call. The CLI sends a client token. A worker sends its
-/// worker token until it registers, and from then on the member token that
-/// [`BearerToken::set_member`] installed: clones share it, so every client
-/// made from one [`crate::member::CoordinatorClient`] switches at once.
-#[derive(Clone, Default)]
-pub struct BearerToken {
-    worker: Option<HeaderValue>,
-    member: Arc<RwLock<Option<HeaderValue>>>,
-}
-
-impl std::fmt::Debug for BearerToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never print the token.
-        f.write_str("BearerToken(..)")
-    }
-}
-
-fn header_value(token: &str) -> Result<Option<HeaderValue>, String> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    format!("Bearer {token}")
-        .parse()
-        .map(Some)
-        .map_err(|_| "the token must be visible ASCII".to_owned())
-}
-
-impl BearerToken {
-    /// An interceptor sending `token`; an empty token sends none. Fails if
-    /// the token cannot be a header value (not visible ASCII).
-    pub fn new(token: &str) -> Result<Self, String> {
-        Ok(Self {
-            worker: header_value(token)?,
-            member: Arc::default(),
-        })
-    }
-
-    /// From now on this interceptor and its clones send `member_token` (what
-    /// Register returned) instead of the token they were made with.
-    pub fn set_member(&self, member_token: &str) -> Result<(), String> {
-        let value = header_value(member_token)?;
-        *self.member.write().unwrap_or_else(|p| p.into_inner()) = value;
-        Ok(())
-    }
-
-    /// An interceptor that always sends the token this one was made with
-    /// (what Register needs), never the member token.
-    pub fn registrar(&self) -> Self {
-        Self {
-            worker: self.worker.clone(),
-            member: Arc::default(),
-        }
-    }
-}
-
-impl tonic::service::Interceptor for BearerToken {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, tonic::Status> {
-        let member = self
-            .member
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if let Some(value) = member.or_else(|| self.worker.clone()) {
-            request.metadata_mut().insert("authorization", value);
-        }
-        Ok(request)
     }
 }
 
@@ -622,32 +550,5 @@ mod tests {
                 "another job's {right:?}"
             );
         }
-    }
-
-    #[test]
-    fn a_member_token_replaces_the_worker_token_in_every_clone() {
-        use tonic::service::Interceptor;
-        let sent = |bearer: &mut BearerToken| {
-            bearer
-                .call(Request::new(()))
-                .unwrap()
-                .metadata()
-                .get("authorization")
-                .map(|v| v.to_str().unwrap().to_owned())
-        };
-        let mut token = BearerToken::new("w").unwrap();
-        let mut clone = token.clone();
-        let mut registrar = token.registrar();
-        token.set_member("encore-member.m.s").unwrap();
-        assert_eq!(
-            sent(&mut token).as_deref(),
-            Some("Bearer encore-member.m.s")
-        );
-        assert_eq!(
-            sent(&mut clone).as_deref(),
-            Some("Bearer encore-member.m.s")
-        );
-        assert_eq!(sent(&mut registrar).as_deref(), Some("Bearer w"));
-        assert_eq!(sent(&mut BearerToken::new("").unwrap()), None);
     }
 }

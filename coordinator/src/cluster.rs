@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use encore_client::SOFTWARE_VERSION;
 use encore_proto::status::Violations;
 use encore_proto::v1::cluster_service_server::ClusterService;
 use encore_proto::v1::{
@@ -32,12 +33,10 @@ use crate::auth::{
     Caller, member_token, require_any, require_registrar, require_self, verify_member,
 };
 use crate::error::{Error, Result};
+use crate::job_changes::{check_id, job_state, modify_job, state_event};
 use crate::metrics::Metrics;
 use crate::reconcile::{Changes, Trigger};
-use crate::records::{check_id, job_state, modify_job, state_event};
 
-/// Software version members must share with the coordinator (major.minor).
-pub const SOFTWARE_VERSION: &str = concat!("encore ", env!("CARGO_PKG_VERSION"));
 /// Longest failure message a progress report may carry, in bytes.
 pub const MAX_FAILURE_MESSAGE_BYTES: usize = 4096;
 /// Most metric points one progress report may carry.

@@ -71,17 +71,6 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
-/// TLS towards the coordinator, for its clients (actors, learner ranks,
-/// reward servers, the CLI), whose coordinator URL is then `https://`. Its
-/// certificate must chain to `ca`: the processes trust no system roots, so
-/// an `https://` coordinator needs this.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CoordinatorTls {
-    /// CA certificate(s), PEM, that the coordinator's certificate chains to.
-    pub ca: PathBuf,
-}
-
 /// Where the bearer tokens come from. A client named in both an inline
 /// entry and the file keeps both tokens.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,7 +208,7 @@ impl Config {
     /// The rollout queue's URI as handed to actors and learners.
     pub fn rollout_queue_uri(&self) -> &str {
         if self.rollout_queue.is_empty() && self.store.starts_with("embedded://") {
-            crate::queue::COORDINATOR_QUEUE_URI
+            encore_client::queue::COORDINATOR_QUEUE_URI
         } else if self.rollout_queue.is_empty() {
             &self.store
         } else {

@@ -1,7 +1,7 @@
 //! JobService: how clients submit, inspect, cancel and follow jobs.
 //!
 //! Every job lives in the store, never only here: Submit validates the spec
-//! ([`crate::spec`]), fills in defaults and stores the job in PENDING under
+//! (`encore_spec`), fills in defaults and stores the job in PENDING under
 //! the client's idempotency key; [`crate::reconcile`] later moves it to
 //! RUNNING once its workers are assigned; learner rank 0's progress reports
 //! ([`crate::cluster`]) append metric points and end it. Watch streams the
@@ -32,10 +32,10 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{Caller, require_client, require_owner};
 use crate::error::{Error, Result};
+use crate::job_changes::{check_id, get_job, job_state, modify_job, state_event};
 use crate::metrics::Metrics;
 use crate::reconcile::Trigger;
-use crate::records::{check_id, get_job, job_state, modify_job, state_event};
-use crate::spec::{self, Limits};
+use encore_spec::{self as spec, Limits};
 
 /// Longest idempotency key, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;

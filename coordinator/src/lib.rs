@@ -11,20 +11,24 @@
 //!  learner rank 0 ──WeightService.Publish──▶ blob dir + manifest ──Fetch──▶ actors
 //! ```
 //!
-//! - [`spec`]: JobSpec validation (every bad field named by its path) and
-//!   defaults.
+//! - `encore_spec` (its own crate, which workers read too): JobSpec
+//!   validation (every bad field named by its path), defaults and the
+//!   typed plan.
 //! - [`jobs`]: the JobService.
 //! - [`cluster`]: ClusterService; [`reconcile`] turns registered members
 //!   and live jobs into assignments and moves jobs from PENDING to RUNNING.
-//! - [`weights`]: WeightService, the blob directory, its garbage collection,
-//!   and the client side of publishing and fetching.
+//! - [`weights`]: WeightService, the blob directory and its garbage
+//!   collection.
 //! - [`queue`]: RolloutQueueService, the rollout queue of an embedded
-//!   store for workers in other processes, and its client.
-//! - [`member`]: the member side of ClusterService (register, heartbeat,
-//!   follow the assignment) for actors, learner ranks and reward servers.
+//!   store for workers in other processes.
 //! - [`auth`]: bearer tokens (clients and workers); [`config`]; [`error`]
 //!   (the one conversion to `tonic::Status`); [`metrics`]; [`server`]
 //!   (start-up, TLS, health, reflection, shutdown).
+
+//!
+//! The callers' side (membership, the queue client, weight publish and
+//! fetch, tokens, TLS towards the coordinator) is the `encore-client` crate,
+//! which workers and the CLI link instead of this one.
 
 #![warn(missing_docs)]
 
@@ -32,14 +36,12 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod error;
+mod job_changes;
 pub mod jobs;
-pub mod member;
 pub mod metrics;
 pub mod queue;
 pub mod reconcile;
-mod records;
 pub mod server;
-pub mod spec;
 pub mod weights;
 
 pub use config::{Config, Flags};

@@ -1,64 +1,34 @@
-//! The rollout queue over gRPC: `RolloutQueueService` serves the queue of
-//! the coordinator's own store to workers that cannot open that store (the
-//! embedded one is a directory only one process may hold), and
-//! [`QueueClient`] is the workers' side of it, a [`Queue`] like any store.
+//! RolloutQueueService: the queue of the coordinator's own store, served to
+//! workers that cannot open that store (the embedded one is a directory
+//! only one process may hold). Their side of it is
+//! `encore_client::queue::QueueClient`.
 //!
 //! ```text
 //!  actor ──Append/Stats──▶ coordinator ──▶ Store::queue_* (embedded://DIR)
 //!  learner ──Read/Ack/ClaimStale/Stats──▶ ┘
 //! ```
 //!
-//! The coordinator hands out [`COORDINATOR_QUEUE_URI`] as the queue's URI
-//! when its store is embedded and no other queue is configured;
-//! [`open_queue`] turns any queue URI into a [`Queue`].
+//! The coordinator hands out `coordinator://` as the queue's URI
+//! when its store is embedded and no other queue is configured.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
+use encore_client::queue::MAX_BLOCK;
+use encore_client::queue::{entries_to_wire, from_wire, to_wire};
 use encore_proto::status::Violations;
-use encore_proto::v1::rollout_queue_service_client::RolloutQueueServiceClient;
 use encore_proto::v1::rollout_queue_service_server::RolloutQueueService;
 use encore_proto::v1::{
     QueueAckRequest, QueueAckResponse, QueueAppendRequest, QueueAppendResponse, QueueClaimRequest,
-    QueueEntries, QueueEntryId, QueueReadRequest, QueueStats, QueueStatsRequest,
+    QueueEntries, QueueReadRequest, QueueStats, QueueStatsRequest,
 };
-use encore_store::{AppendOutcome, EntryId, Queue, QueueEntry, Store, StoreError, SystemClock};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
-use tonic::{Code, Request, Response, Status};
+use encore_store::{AppendOutcome, EntryId, Queue, Store};
+use tonic::{Request, Response, Status};
 
-use crate::auth::{BearerToken, Caller, JobRight, require_any, require_member_right};
+use crate::auth::{Caller, JobRight, require_any, require_member_right};
 use crate::error::Result;
-use crate::member::CoordinatorClient;
+use crate::job_changes::check_id;
 use crate::metrics::Metrics;
-use crate::records::check_id;
-
-/// The queue URI that means "the coordinator's RolloutQueueService".
-pub const COORDINATOR_QUEUE_URI: &str = "coordinator://";
-
-/// The longest a Read waits for an append before answering empty; callers
-/// read again.
-pub const MAX_BLOCK: Duration = Duration::from_secs(5);
-
-/// Opens the queue `uri` names: the coordinator's service for
-/// [`COORDINATOR_QUEUE_URI`] (through `coordinator`'s channel and worker
-/// token), otherwise the store itself (`redis://...`, `embedded://DIR`).
-pub async fn open_queue(
-    uri: &str,
-    coordinator: &CoordinatorClient,
-) -> std::result::Result<Arc<dyn Queue>, StoreError> {
-    if uri == COORDINATOR_QUEUE_URI {
-        Ok(Arc::new(QueueClient {
-            client: coordinator.queue(),
-        }))
-    } else {
-        let store = encore_store::open(uri, Arc::new(SystemClock)).await?;
-        Ok(Arc::new(store))
-    }
-}
-
-// ------------------------------------------------------------------ server
 
 /// The RolloutQueueService over a store.
 #[derive(Debug, Clone)]
@@ -174,13 +144,11 @@ impl QueueService {
         }
         bad.into_result()?;
         require_member_right(&*self.store, caller, &req.job_id, JobRight::InspectQueue).await?;
-        let len = self.store.queue_len(&req.job_id).await?;
-        let pending = if req.group.is_empty() {
-            0
-        } else {
-            self.store.queue_pending(&req.job_id, &req.group).await?
-        };
-        Ok(QueueStats { len, pending })
+        let counts = Queue::stats(&self.store, &req.job_id, &req.group).await?;
+        Ok(QueueStats {
+            len: counts.len,
+            pending: counts.pending,
+        })
     }
 }
 
@@ -249,200 +217,5 @@ impl RolloutQueueService for QueueService {
             })
             .await
             .map(Response::new)
-    }
-}
-
-fn to_wire(id: EntryId) -> QueueEntryId {
-    QueueEntryId {
-        ms: id.ms,
-        seq: id.seq,
-    }
-}
-
-fn from_wire(id: &QueueEntryId) -> EntryId {
-    EntryId {
-        ms: id.ms,
-        seq: id.seq,
-    }
-}
-
-fn entries_to_wire(entries: Vec<QueueEntry>) -> QueueEntries {
-    QueueEntries {
-        entries: entries
-            .into_iter()
-            .map(|e| encore_proto::v1::QueueEntry {
-                id: Some(to_wire(e.id)),
-                payload: e.payload,
-            })
-            .collect(),
-    }
-}
-
-fn entries_from_wire(entries: QueueEntries) -> std::result::Result<Vec<QueueEntry>, StoreError> {
-    entries
-        .entries
-        .into_iter()
-        .map(|e| {
-            let id = e.id.as_ref().ok_or_else(|| {
-                StoreError::decode("RolloutQueueService entry", "the entry has no id")
-            })?;
-            Ok(QueueEntry {
-                id: from_wire(id),
-                payload: e.payload,
-            })
-        })
-        .collect()
-}
-
-// ------------------------------------------------------------------ client
-
-/// A RolloutQueueService client carrying the worker token.
-pub type RawQueueClient = RolloutQueueServiceClient<InterceptedService<Channel, BearerToken>>;
-
-/// The coordinator's RolloutQueueService as a [`Queue`]. Transport
-/// failures and UNAVAILABLE answers become [`StoreError::Backend`]
-/// (transient: the caller retries, as with a Redis that is away).
-#[derive(Debug, Clone)]
-pub struct QueueClient {
-    client: RawQueueClient,
-}
-
-impl QueueClient {
-    /// A queue client over an existing RolloutQueueService client.
-    pub fn new(client: RawQueueClient) -> Self {
-        Self { client }
-    }
-}
-
-/// The store error a failed queue rpc stands for.
-fn store_error(status: Status) -> StoreError {
-    let message = format!("coordinator queue: {}", status.message());
-    match status.code() {
-        Code::InvalidArgument => StoreError::invalid("rollout queue request", message),
-        Code::NotFound => StoreError::not_found("rollout queue", message),
-        Code::Internal | Code::DataLoss => StoreError::decode("RolloutQueueService", message),
-        code => StoreError::Backend(format!("{message} ({code:?})")),
-    }
-}
-
-#[async_trait]
-impl Queue for QueueClient {
-    async fn append(
-        &self,
-        job_id: &str,
-        payload: Vec<u8>,
-        max_len: u64,
-    ) -> std::result::Result<AppendOutcome, StoreError> {
-        let answer = self
-            .client
-            .clone()
-            .append(QueueAppendRequest {
-                job_id: job_id.to_owned(),
-                payload,
-                max_len,
-            })
-            .await
-            .map_err(store_error)?
-            .into_inner();
-        match (answer.appended, answer.id) {
-            (true, Some(id)) => Ok(AppendOutcome::Appended(from_wire(&id))),
-            (true, None) => Err(StoreError::decode(
-                "RolloutQueueService.Append",
-                "appended without an id",
-            )),
-            (false, _) => Ok(AppendOutcome::Full { len: answer.len }),
-        }
-    }
-
-    async fn read(
-        &self,
-        job_id: &str,
-        group: &str,
-        consumer: &str,
-        count: usize,
-        block: Duration,
-    ) -> std::result::Result<Vec<QueueEntry>, StoreError> {
-        let answer = self
-            .client
-            .clone()
-            .read(QueueReadRequest {
-                job_id: job_id.to_owned(),
-                group: group.to_owned(),
-                consumer: consumer.to_owned(),
-                count: u32::try_from(count).unwrap_or(u32::MAX),
-                block_ms: u64::try_from(block.min(MAX_BLOCK).as_millis()).unwrap_or(0),
-            })
-            .await
-            .map_err(store_error)?;
-        entries_from_wire(answer.into_inner())
-    }
-
-    async fn ack(
-        &self,
-        job_id: &str,
-        group: &str,
-        ids: &[EntryId],
-    ) -> std::result::Result<u64, StoreError> {
-        let answer = self
-            .client
-            .clone()
-            .ack(QueueAckRequest {
-                job_id: job_id.to_owned(),
-                group: group.to_owned(),
-                ids: ids.iter().copied().map(to_wire).collect(),
-            })
-            .await
-            .map_err(store_error)?;
-        Ok(answer.into_inner().acknowledged)
-    }
-
-    async fn claim_stale(
-        &self,
-        job_id: &str,
-        group: &str,
-        consumer: &str,
-        min_idle: Duration,
-        count: usize,
-    ) -> std::result::Result<Vec<QueueEntry>, StoreError> {
-        let answer = self
-            .client
-            .clone()
-            .claim_stale(QueueClaimRequest {
-                job_id: job_id.to_owned(),
-                group: group.to_owned(),
-                consumer: consumer.to_owned(),
-                min_idle_ms: u64::try_from(min_idle.as_millis()).unwrap_or(u64::MAX),
-                count: u32::try_from(count).unwrap_or(u32::MAX),
-            })
-            .await
-            .map_err(store_error)?;
-        entries_from_wire(answer.into_inner())
-    }
-
-    async fn len(&self, job_id: &str) -> std::result::Result<u64, StoreError> {
-        Ok(self.stats(job_id, "").await?.len)
-    }
-
-    async fn pending(&self, job_id: &str, group: &str) -> std::result::Result<u64, StoreError> {
-        Ok(self.stats(job_id, group).await?.pending)
-    }
-}
-
-impl QueueClient {
-    async fn stats(
-        &self,
-        job_id: &str,
-        group: &str,
-    ) -> std::result::Result<QueueStats, StoreError> {
-        Ok(self
-            .client
-            .clone()
-            .stats(QueueStatsRequest {
-                job_id: job_id.to_owned(),
-                group: group.to_owned(),
-            })
-            .await
-            .map_err(store_error)?
-            .into_inner())
     }
 }

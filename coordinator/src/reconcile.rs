@@ -35,14 +35,15 @@ use encore_proto::v1::{
     LearnerAssignment, PromptShard, Resources, RewardEndpoint, Role, RolloutQueue, Stage,
     assignment,
 };
+use encore_spec::JobPlan;
 use encore_store::{MemberRecord, Store, StoreError};
 use prost_types::Timestamp;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
+use crate::job_changes::{job_state, modify_job, state_event};
 use crate::metrics::Metrics;
-use crate::records::{job_state, modify_job, state_event};
 
 /// Consumer group the learner ranks of every job read the rollout queue
 /// with.
@@ -167,15 +168,15 @@ impl Reconciler {
         self.update_member_gauge(&members);
         let jobs = live_jobs(store).await?;
 
-        let mut plan = Plan::new(&members);
+        let mut placement = Placement::new(&members);
         // Members stay on their jobs before any free slot is filled, so a
         // younger job never takes a member an older one still has.
         for job in &jobs {
-            plan.keep_members(job, &members);
+            placement.keep_members(job, &members);
         }
         let mut started = Vec::new();
         for job in &jobs {
-            if plan.fill(job, &members) {
+            if placement.fill(job, &members) {
                 started.push(job.job_id.clone());
             }
         }
@@ -184,9 +185,9 @@ impl Reconciler {
 
         for record in &members {
             let member = &record.member;
-            let desired = match plan.slot_of(&member.member_id) {
+            let desired = match placement.slot_of(&member.member_id) {
                 Some((job_id, slot)) => match jobs_by_id.get(job_id) {
-                    Some(job) => self.assignment(job, member.role, slot, &plan, &members),
+                    Some(job) => self.assignment(job, member.role, slot, &placement, &members),
                     None => Assignment::default(),
                 },
                 None => Assignment::default(),
@@ -211,7 +212,7 @@ impl Reconciler {
                     tracing::info!(
                         member_id = %member.member_id,
                         generation = current.generation + 1,
-                        job_id = plan.slot_of(&member.member_id).map(|(j, _)| j).unwrap_or(""),
+                        job_id = placement.slot_of(&member.member_id).map(|(j, _)| j).unwrap_or(""),
                         "assignment changed"
                     );
                 }
@@ -281,20 +282,28 @@ impl Reconciler {
         job: &Job,
         role: i32,
         slot: u32,
-        plan: &Plan,
+        placement: &Placement,
         members: &[MemberRecord],
     ) -> Assignment {
         let spec = job.spec.clone().unwrap_or_default();
+        let job_plan = match JobPlan::of(&spec) {
+            Ok(job_plan) => job_plan,
+            Err(bad) => {
+                // Only a spec that bypassed Submit can get here.
+                tracing::error!(job_id = %job.job_id, error = %bad,
+                    "the job's spec has no plan; nobody is assigned to it");
+                return Assignment::default();
+            }
+        };
         let queue = RolloutQueue {
             uri: self.rollout_queue_uri.clone(),
             stream: job.job_id.clone(),
             consumer_group: LEARNER_GROUP.into(),
         };
         let details = if role == Role::Actor as i32 {
-            let algorithm = spec.algorithm.unwrap_or_default();
             let seeds = spec.seeds.unwrap_or_default();
-            let k = algorithm.samples_per_prompt.max(1);
-            let actors = spec.resources.as_ref().map_or(1, |r| r.actors.max(1));
+            let k = job_plan.samples_per_prompt;
+            let actors = job_plan.actors;
             let stage = current_stage(job);
             assignment::Details::Actor(ActorAssignment {
                 stage: stage.name.clone(),
@@ -305,20 +314,18 @@ impl Reconciler {
                     shard_count: actors,
                     seed: seeds.prompt_order.unwrap_or_default(),
                 }),
-                sampling: algorithm.sampling,
+                sampling: Some(job_plan.sampling),
                 samples_per_prompt: k,
-                groups_per_batch: (algorithm.batch_size / k / actors).max(1),
+                groups_per_batch: (job_plan.batch_size / k / actors).max(1),
                 sampling_seed: mix(seeds.sampling.unwrap_or_default(), u64::from(slot)),
-                max_staleness: algorithm.max_staleness.unwrap_or(2),
+                max_staleness: job_plan.max_staleness,
             })
         } else {
-            let world = spec
-                .resources
-                .as_ref()
-                .map_or(1, |r| r.learner_ranks.max(1));
+            let world = job_plan.learner_ranks;
             let ranks: Vec<Option<&MemberRecord>> = (0..world)
                 .map(|rank| {
-                    plan.member_in(&job.job_id, Role::Learner as i32, rank)
+                    placement
+                        .member_in(&job.job_id, Role::Learner as i32, rank)
                         .and_then(|id| members.iter().find(|m| m.member.member_id == id))
                 })
                 .collect();
@@ -440,14 +447,14 @@ fn endpoints(stage: &Stage, members: &[MemberRecord]) -> Vec<RewardEndpoint> {
 }
 
 /// Who works on what: member id -> (job id, slot).
-struct Plan {
+struct Placement {
     slots: BTreeMap<String, (String, u32)>,
     /// (job id, role, slot) -> member id.
     taken: BTreeMap<(String, i32, u32), String>,
     roles: BTreeMap<String, i32>,
 }
 
-impl Plan {
+impl Placement {
     fn new(members: &[MemberRecord]) -> Self {
         Self {
             slots: BTreeMap::new(),

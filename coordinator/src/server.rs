@@ -34,8 +34,8 @@ use crate::jobs::Jobs;
 use crate::metrics::Metrics;
 use crate::queue::QueueService;
 use crate::reconcile::{Changes, Reconciler, Trigger};
-use crate::spec::Limits;
 use crate::weights::{WeightOptions, Weights};
+use encore_spec::Limits;
 
 /// Services whose health is reported under their own name.
 const SERVICES: [&str; 4] = [
@@ -174,9 +174,11 @@ impl Coordinator {
         // stream window) a 100 MB Publish runs at a quarter of the speed,
         // waiting on window updates (measured by weight-bench).
         let mut builder = tonic::transport::Server::builder()
-            .initial_stream_window_size(Some(crate::weights::HTTP2_STREAM_WINDOW_BYTES))
-            .initial_connection_window_size(Some(crate::weights::HTTP2_CONNECTION_WINDOW_BYTES))
-            .max_frame_size(Some(crate::weights::HTTP2_MAX_FRAME_BYTES));
+            .initial_stream_window_size(Some(encore_client::endpoint::HTTP2_STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(
+                encore_client::endpoint::HTTP2_CONNECTION_WINDOW_BYTES,
+            ))
+            .max_frame_size(Some(encore_client::endpoint::HTTP2_MAX_FRAME_BYTES));
         if let Some(tls) = &config.tls {
             let read = |key: &str, path: &std::path::Path| {
                 std::fs::read(path).map_err(|e| {

@@ -561,9 +561,7 @@ async fn every_service_checks_its_token() {
 #[tokio::test]
 async fn a_client_gets_cancels_watches_and_reads_weights_of_its_own_jobs_only() {
     use encore_proto::v1::weight_service_client::WeightServiceClient;
-    use encore_proto::v1::{
-        FetchRequest, GetManifestRequest, ListVersionsRequest, WatchVersionsRequest,
-    };
+    use encore_proto::v1::{FetchRequest, GetManifestRequest, ListVersionsRequest};
     let (_redis, _dir, c) = coordinator(15_000).await;
     let mut alice = c.jobs(ALICE).await;
     let mut bob = c.jobs(BOB).await;
@@ -606,11 +604,6 @@ async fn a_client_gets_cancels_watches_and_reads_weights_of_its_own_jobs_only() 
         ..FetchRequest::default()
     });
     refused(fetch.await.unwrap_err(), "Fetch");
-    let watch = bobs_weights.watch_versions(WatchVersionsRequest {
-        job_id: job_id.clone(),
-        after_version: None,
-    });
-    refused(watch.await.unwrap_err(), "WatchVersions");
 
     // Bob's attempt changed nothing, and alice still does all of it; she
     // reads her job's weights up to the missing version, and a job nobody

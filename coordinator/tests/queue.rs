@@ -8,8 +8,8 @@ mod support;
 
 use std::time::Duration;
 
-use encore_coordinator::member::CoordinatorClient;
-use encore_coordinator::queue::{COORDINATOR_QUEUE_URI, open_queue};
+use encore_client::member::CoordinatorClient;
+use encore_client::queue::{COORDINATOR_QUEUE_URI, open_queue};
 use encore_proto::v1::QueueReadRequest;
 use encore_proto::v1::rollout_queue_service_client::RolloutQueueServiceClient;
 use encore_store::{AppendOutcome, StoreError};

@@ -11,8 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use encore_coordinator::member::CoordinatorClient;
-use encore_coordinator::queue::{COORDINATOR_QUEUE_URI, open_queue};
+use encore_client::member::CoordinatorClient;
+use encore_client::queue::{COORDINATOR_QUEUE_URI, open_queue};
 use encore_proto::v1::job_service_client::JobServiceClient;
 use encore_proto::v1::{
     GetAssignmentRequest, GetJobRequest, HeartbeatRequest, JobState, MetricPoint,

@@ -5,8 +5,9 @@
 
 mod support;
 
-use encore_coordinator::config::{CoordinatorTls, TlsConfig};
-use encore_coordinator::member::CoordinatorClient;
+use encore_client::CoordinatorTls;
+use encore_client::member::CoordinatorClient;
+use encore_coordinator::config::TlsConfig;
 use encore_proto::v1::job_service_client::JobServiceClient;
 use encore_proto::v1::{ListJobsRequest, Role};
 use support::*;

@@ -9,17 +9,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use encore_client::weights::{self as client, FetchError, PublishData, PublishError};
 use encore_coordinator::auth::Authenticator;
 use encore_coordinator::metrics::Metrics;
-use encore_coordinator::weights::client::{self, FetchError, PublishData, PublishError};
 use encore_coordinator::weights::{WeightOptions, Weights};
 use encore_proto::v1::weight_service_client::WeightServiceClient;
 use encore_proto::v1::weight_service_server::WeightServiceServer;
 use encore_proto::v1::{ActorAssignment, Assignment, LearnerAssignment, Role, assignment};
 use encore_proto::v1::{
-    FetchRequest, GetManifestRequest, Job, JobEvent, JobState, JobStateChange, ListVersionsRequest,
-    Page, PublishHeader, PublishRequest, WatchVersionsRequest, WeightChunk, WeightFormat,
-    WeightManifest, fetch_response, job_event, publish_request,
+    FetchRequest, GetManifestRequest, Job, JobState, ListVersionsRequest, Page, PublishHeader,
+    PublishRequest, WeightChunk, WeightFormat, WeightManifest, fetch_response, publish_request,
 };
 use encore_store::{Member, Registration, Store, SystemClock};
 use encore_testkit::RedisServer;
@@ -38,7 +37,7 @@ const MIB: usize = 1 << 20;
 const WORKER: &str = "worker-token";
 const CLIENT: &str = "client-token";
 
-use encore_coordinator::auth::BearerToken as Bearer;
+use encore_client::BearerToken as Bearer;
 
 type Client = WeightServiceClient<InterceptedService<Channel, Bearer>>;
 
@@ -55,7 +54,6 @@ struct Harness {
     metrics: Metrics,
     blob_dir: PathBuf,
     addr: SocketAddr,
-    shutdown: CancellationToken,
     _dirs: tempfile::TempDir,
     _redis: Option<RedisServer>,
 }
@@ -108,7 +106,6 @@ impl Harness {
             metrics,
             blob_dir,
             addr,
-            shutdown,
             _dirs: dirs,
             _redis: redis,
         }
@@ -907,109 +904,6 @@ async fn redis_gc_keeps_version_zero_and_the_latest_and_never_a_pinned_one() {
     gc_keeps_version_zero_and_the_latest_and_never_a_pinned_one(Backend::Redis).await;
 }
 
-// ----- watching versions -----
-
-async fn next_version(stream: &mut tonic::Streaming<WeightManifest>) -> Option<u64> {
-    let next = tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .expect("a watch message within 10 s");
-    next.unwrap().map(|m| m.version.unwrap().version)
-}
-
-async fn watch(
-    client: &mut Client,
-    job_id: &str,
-    after_version: Option<u64>,
-) -> tonic::Streaming<WeightManifest> {
-    let request = WatchVersionsRequest {
-        job_id: job_id.into(),
-        after_version,
-    };
-    client.watch_versions(request).await.unwrap().into_inner()
-}
-
-async fn watch_follows_versions_until_the_job_ends(backend: Backend) {
-    let h = Harness::start(backend, 5).await;
-    h.job("j1", JobState::Running).await;
-    let mut worker = h.worker_for("j1").await;
-    let mut reader = h.client().await;
-
-    // Nothing yet: a watcher waits for the first version.
-    let mut early = watch(&mut reader, "j1", None).await;
-    publish(&mut worker, "j1", 0, b"v0").await.unwrap();
-    publish(&mut worker, "j1", 1, b"v1").await.unwrap();
-    assert_eq!(next_version(&mut early).await, Some(0));
-    assert_eq!(next_version(&mut early).await, Some(1));
-
-    let mut latest = watch(&mut reader, "j1", None).await;
-    let mut all = watch(&mut reader, "j1", Some(0)).await;
-    assert_eq!(next_version(&mut latest).await, Some(1));
-    assert_eq!(next_version(&mut all).await, Some(1));
-    publish(&mut worker, "j1", 2, b"v2").await.unwrap();
-    for stream in [&mut early, &mut latest, &mut all] {
-        assert_eq!(next_version(stream).await, Some(2));
-    }
-
-    // The job ends: every stream ends with OK.
-    let stored = h.store.get_job("j1").await.unwrap().unwrap();
-    let mut job = stored.job;
-    job.state = JobState::Succeeded as i32;
-    let event = JobEvent {
-        sequence: 0,
-        time: None,
-        event: Some(job_event::Event::StateChange(JobStateChange {
-            previous: JobState::Running as i32,
-            state: JobState::Succeeded as i32,
-            message: String::new(),
-        })),
-    };
-    h.store
-        .update_job(job, stored.revision, vec![event])
-        .await
-        .unwrap();
-    for stream in [&mut early, &mut latest, &mut all] {
-        assert_eq!(next_version(stream).await, None);
-    }
-    // On a finished job a watch sends what there is and ends.
-    let mut after = watch(&mut reader, "j1", Some(0)).await;
-    assert_eq!(next_version(&mut after).await, Some(1));
-    assert_eq!(next_version(&mut after).await, Some(2));
-    assert_eq!(next_version(&mut after).await, None);
-
-    let request = WatchVersionsRequest {
-        job_id: "nope".into(),
-        after_version: None,
-    };
-    assert_status(
-        reader.watch_versions(request).await,
-        Code::NotFound,
-        "JOB_NOT_FOUND",
-    );
-}
-
-#[tokio::test]
-async fn embedded_watch_follows_versions_until_the_job_ends() {
-    watch_follows_versions_until_the_job_ends(Backend::Embedded).await;
-}
-
-#[tokio::test]
-async fn redis_watch_follows_versions_until_the_job_ends() {
-    watch_follows_versions_until_the_job_ends(Backend::Redis).await;
-}
-
-#[tokio::test]
-async fn shutdown_ends_open_streams() {
-    let h = Harness::start(Backend::Embedded, 3).await;
-    h.job("j1", JobState::Running).await;
-    let mut reader = h.client().await;
-    let mut stream = watch(&mut reader, "j1", None).await;
-    h.shutdown.cancel();
-    let end = tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .expect("the stream ends");
-    assert_status(end, Code::Unavailable, "");
-}
-
 // ----- paging -----
 
 #[tokio::test]
@@ -1108,15 +1002,6 @@ async fn callers_need_the_right_token() {
         };
         assert_status(
             client.list_versions(request).await,
-            Code::Unauthenticated,
-            "UNAUTHENTICATED",
-        );
-        let request = WatchVersionsRequest {
-            job_id: "j1".into(),
-            after_version: None,
-        };
-        assert_status(
-            client.watch_versions(request).await,
             Code::Unauthenticated,
             "UNAUTHENTICATED",
         );

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::Device;
-use encore_coordinator::auth::BearerToken;
+use encore_client::BearerToken;
 use encore_coordinator::config::AuthConfig;
 use encore_coordinator::{Config, Coordinator};
 use encore_model::{Preset, TrainablePolicy};

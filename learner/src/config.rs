@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use encore_coordinator::config::CoordinatorTls;
+use encore_client::CoordinatorTls;
 use serde::{Deserialize, Serialize};
 
 use crate::collective::RingSecret;
@@ -93,7 +93,7 @@ impl Config {
             |key: &str, why: String| Err(LearnerError::Config(format!("{SECTION}.{key}: {why}")));
         encore_config::check_url(&format!("{SECTION}.coordinator"), &self.coordinator)
             .map_err(|e| LearnerError::Config(e.to_string()))?;
-        encore_coordinator::member::endpoint(&self.coordinator, self.tls.as_ref())
+        encore_client::endpoint::endpoint(&self.coordinator, self.tls.as_ref())
             .map_err(|e| LearnerError::Config(format!("{SECTION}.{e}")))?;
         if self.keep_checkpoints == 0 {
             return bad("keep_checkpoints", "must be at least 1".into());

@@ -80,11 +80,56 @@ impl LearnerError {
         }
     }
 
+    /// Whether the failure is the coordinator or the rollout queue being
+    /// out of reach for now (restarting, a connection cut mid-call), which
+    /// passes by itself: a retry should wait for it rather than count it
+    /// as an attempt at the job.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            Self::Queue(encore_store::StoreError::Backend(_)) => true,
+            Self::Rpc { status, .. } => encore_client::endpoint::is_unreachable(status),
+            _ => false,
+        }
+    }
+
     /// A [`LearnerError::Checkpoint`] for `path`.
     pub(crate) fn checkpoint(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
         Self::Checkpoint {
             path: path.into(),
             reason: reason.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_absent_coordinator_or_queue_is_unreachable() {
+        let rpc = |code| LearnerError::Rpc {
+            what: "ReportProgress".into(),
+            status: Box::new(tonic::Status::new(code, "x")),
+        };
+        for code in [
+            tonic::Code::Unavailable,
+            tonic::Code::Unknown,
+            tonic::Code::Cancelled,
+            tonic::Code::DeadlineExceeded,
+        ] {
+            assert!(rpc(code).is_unreachable(), "{code:?}");
+        }
+        for code in [
+            tonic::Code::PermissionDenied,
+            tonic::Code::FailedPrecondition,
+            tonic::Code::InvalidArgument,
+            tonic::Code::NotFound,
+        ] {
+            assert!(!rpc(code).is_unreachable(), "{code:?}");
+        }
+        let away = encore_store::StoreError::Backend("connection refused".into());
+        assert!(LearnerError::Queue(away).is_unreachable());
+        assert!(!LearnerError::InvalidBatch("scores".into()).is_unreachable());
+        assert!(!LearnerError::Config("algorithm.clip_ratio".into()).is_unreachable());
     }
 }

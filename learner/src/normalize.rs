@@ -51,9 +51,6 @@ use crate::LearnerError;
 /// identical scores (variance 0) normalises to 0 instead of NaN.
 pub const VARIANCE_EPSILON: f64 = 1e-8;
 
-/// Default `ema_decay` when the job spec leaves it unset (as in the proto).
-pub const DEFAULT_EMA_DECAY: f64 = 0.99;
-
 /// Normalisation method of one reward (proto `NormalizationKind`;
 /// `UNSPECIFIED` is filled in as [`NormalizationKind::RunningZScore`] at
 /// submit, so it has no counterpart here).
@@ -85,7 +82,7 @@ impl Default for Normalization {
     fn default() -> Self {
         Self {
             kind: NormalizationKind::RunningZScore,
-            ema_decay: DEFAULT_EMA_DECAY,
+            ema_decay: encore_spec::DEFAULT_EMA_DECAY,
             clip: None,
         }
     }

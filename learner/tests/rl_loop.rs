@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::Device;
-use encore_coordinator::auth::BearerToken;
-use encore_coordinator::config::{AuthConfig, CoordinatorTls, TlsConfig};
+use encore_client::BearerToken;
+use encore_client::CoordinatorTls;
+use encore_coordinator::config::{AuthConfig, TlsConfig};
 use encore_coordinator::{Config, Coordinator};
 use encore_model::pretrain::PretrainConfig;
 use encore_model::{Preset, TrainablePolicy};
@@ -22,7 +23,7 @@ use encore_proto::v1::{
     job_event, prompt_source,
 };
 use encore_raters::generate::{self, GenConfig};
-use encore_reward::train::{self, TrainConfig};
+use encore_reward_train::{self as train, TrainConfig};
 use encore_reward::{ArchConfig, RewardConfig as ModelConfig, RewardKind, RewardModel};
 use encore_reward_server::{Config as RewardServerConfig, ServerBuilder};
 use encore_store::{AppendOutcome, SystemClock};
@@ -623,7 +624,7 @@ async fn run_job(shape: Shape, fault: Fault) -> Outcome {
     };
     let mut learners: Vec<Rank> = (0..shape.ranks).map(|_| learner()).collect();
 
-    let channel = encore_coordinator::member::endpoint(&url, ca.as_ref())
+    let channel = encore_client::endpoint::endpoint(&url, ca.as_ref())
         .unwrap()
         .connect()
         .await

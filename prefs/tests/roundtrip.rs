@@ -19,7 +19,7 @@ use encore_proto::v1::{Choice, Comparison, GetPairRequest, SubmitComparisonsRequ
 use encore_raters::Population;
 use encore_raters::records::{Choice as RaterChoice, PreferenceRecord};
 use encore_reward::ArchConfig;
-use encore_reward::train::{self, Evaluation, TrainConfig};
+use encore_reward_train::{self as train, Evaluation, TrainConfig};
 use encore_store::{EmbeddedOptions, EmbeddedStore, Store, SystemClock};
 use rand::SeedableRng;
 

@@ -99,7 +99,6 @@ fn expected_services() -> BTreeMap<String, Vec<Method>> {
                 client_streaming("Publish", "PublishRequest", "WeightManifest"),
                 server_streaming("Fetch", "FetchRequest", "FetchResponse"),
                 unary("GetManifest", "GetManifestRequest", "WeightManifest"),
-                server_streaming("WatchVersions", "WatchVersionsRequest", "WeightManifest"),
                 unary(
                     "ListVersions",
                     "ListVersionsRequest",

@@ -3,7 +3,7 @@
 //! (which scores many requests' items in one forward pass).
 //!
 //! ```text
-//!  handlers --submit--> Queue (bounded, counted in items) --> worker thread --> model.score
+//!  handlers --submit--> Backlog (bounded, counted in items) --> worker thread --> model.score
 //!     ^                                                            |
 //!     +------------------- oneshot reply per entry ----------------+
 //! ```
@@ -127,8 +127,9 @@ impl Entry {
     }
 }
 
-/// The queue between the handlers and the worker.
-struct Queue {
+/// The backlog between the handlers and the worker: a bounded queue of
+/// items waiting to be batched.
+struct Backlog {
     state: Mutex<State>,
     /// Signalled when an entry arrives or the queue closes.
     changed: Condvar,
@@ -145,7 +146,7 @@ struct State {
     closed: bool,
 }
 
-impl Queue {
+impl Backlog {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves the queue consistent (every
         // critical section is a push or pop), so a poisoned lock is usable.
@@ -244,7 +245,7 @@ pub struct Gate {
 struct GateInner {
     closed: AtomicBool,
     /// The queues whose workers wait on this gate, to wake when it opens.
-    queues: Mutex<Vec<Weak<Queue>>>,
+    queues: Mutex<Vec<Weak<Backlog>>>,
 }
 
 impl Gate {
@@ -286,7 +287,7 @@ impl Gate {
         !self.inner.closed.load(Ordering::SeqCst)
     }
 
-    fn watch(&self, queue: &Arc<Queue>) {
+    fn watch(&self, queue: &Arc<Backlog>) {
         self.inner
             .queues
             .lock()
@@ -299,7 +300,7 @@ impl Gate {
 /// that the model's worker thread drains.
 pub(crate) struct Batcher {
     model: String,
-    queue: Arc<Queue>,
+    queue: Arc<Backlog>,
     config: BatchConfig,
     metrics: ModelMetrics,
 }
@@ -307,7 +308,7 @@ pub(crate) struct Batcher {
 /// The worker thread of a [`Batcher`], to join at shutdown.
 pub(crate) struct Worker {
     model: String,
-    queue: Arc<Queue>,
+    queue: Arc<Backlog>,
     thread: JoinHandle<()>,
 }
 
@@ -320,7 +321,7 @@ impl Batcher {
         gate: Gate,
         metrics: ModelMetrics,
     ) -> Result<(Batcher, Worker)> {
-        let queue = Arc::new(Queue {
+        let queue = Arc::new(Backlog {
             state: Mutex::new(State {
                 entries: VecDeque::new(),
                 items: 0,
@@ -412,7 +413,7 @@ impl Worker {
 /// The worker loop: form a batch, score it, reply; until the queue closes.
 fn work(
     model: &str,
-    queue: &Queue,
+    queue: &Backlog,
     scorer: &dyn Scorer,
     config: BatchConfig,
     gate: &Gate,

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use encore_coordinator::config::CoordinatorTls;
+use encore_client::CoordinatorTls;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -188,7 +188,7 @@ impl Config {
         if !self.coordinator.is_empty() {
             encore_config::check_url(&format!("{SECTION}.coordinator"), &self.coordinator)
                 .map_err(|e| Error::Config(e.to_string()))?;
-            encore_coordinator::member::endpoint(&self.coordinator, self.tls.as_ref())
+            encore_client::endpoint::endpoint(&self.coordinator, self.tls.as_ref())
                 .map_err(|e| Error::Config(format!("{SECTION}.{e}")))?;
             self.worker_token()?;
         }

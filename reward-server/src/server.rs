@@ -7,7 +7,7 @@
 //! the gRPC port (RewardService, gRPC health, reflection) and the admin port
 //! (`/metrics`, `/healthz`, `/readyz`), then report SERVING and ready.
 //! RewardService answers only callers presenting the worker token when one
-//! is configured (the coordinator's [`Authenticator`]); health, reflection
+//! is configured ([`RequireToken`]); health, reflection
 //! and the admin port stay open for probes.
 //!
 //! Shutdown, once the token is cancelled: report NOT_SERVING and not ready,
@@ -20,10 +20,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::Device;
-use encore_coordinator::auth::Authenticator;
-use encore_coordinator::member::{CoordinatorClient, Membership};
+use encore_client::member::{self, CoordinatorClient};
+use encore_client::token::RequireToken;
 use encore_proto::v1::reward_service_server::RewardServiceServer;
-use encore_proto::v1::{Capabilities, DeviceKind, ModelRef, Resources, Role};
+use encore_proto::v1::{Capabilities, ModelRef, Role};
 use encore_proto::v1::{InputConstraints, OutputRange, RewardKind as ProtoKind, RewardModelInfo};
 use encore_reward::{CODEC_ID, RewardKind, RewardModel};
 use encore_telemetry::grpc::ServingStatus;
@@ -124,8 +124,8 @@ impl ServerBuilder {
         config.validate()?;
         let authenticator = match config.caller_token()? {
             Some(token) => Some(
-                Authenticator::new([], &token)
-                    .map_err(|why| Error::Config(format!("reward_server.worker_token: {why}")))?,
+                RequireToken::new(&token)
+                    .map_err(|why| Error::Config(format!("reward_server.caller_token: {why}")))?,
             ),
             None => {
                 tracing::warn!(
@@ -201,7 +201,10 @@ impl ServerBuilder {
                 codec.as_deref(),
             )),
             move |request| match &authenticator {
-                Some(authenticator) => stamp_arrival(authenticator.check(request)?),
+                Some(authenticator) => {
+                    authenticator.check(&request)?;
+                    stamp_arrival(request)
+                }
                 None => stamp_arrival(request),
             },
         );
@@ -264,6 +267,19 @@ impl ServerBuilder {
     }
 }
 
+/// A reward server's membership: no assignments, only the lease, held
+/// until it is lost.
+struct HostModels;
+
+impl member::MemberWork for HostModels {
+    fn with_membership(&self, membership: &member::Membership) -> impl Future<Output = ()> + Send {
+        membership.lost.cancelled()
+    }
+}
+
+/// Longest pause between tries to join the coordinator.
+const MAX_JOIN_BACKOFF: Duration = Duration::from_secs(5);
+
 /// Keeps this server a member of the coordinator's cluster, hosting
 /// `models` at `address`, until `shutdown`: joins, rejoins after a lost
 /// lease or while the coordinator is unreachable (with back-off), and
@@ -283,61 +299,21 @@ async fn join_cluster(
         Ok(coordinator) => coordinator,
         Err(e) => return tracing::error!(error = %e, "cannot join the coordinator"),
     };
-    let instance = format!("reward-server-{}-{:08x}", std::process::id(), rand_suffix());
     let capabilities = Capabilities {
-        resources: Some(Resources {
-            device: if config.device.starts_with("cuda") {
-                DeviceKind::Cuda
-            } else {
-                DeviceKind::Cpu
-            } as i32,
-            cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-            ..Resources::default()
-        }),
         models,
         address,
-        software_version: encore_coordinator::cluster::SOFTWARE_VERSION.into(),
-        ..Capabilities::default()
+        ..member::capabilities(config.device.starts_with("cuda"))
     };
-    let mut backoff = Duration::from_millis(100);
-    while !shutdown.is_cancelled() {
-        match Membership::join(
-            &coordinator,
-            Role::RewardServer,
-            capabilities.clone(),
-            &instance,
-            &shutdown,
-        )
-        .await
-        {
-            Ok(membership) => {
-                backoff = Duration::from_millis(100);
-                membership.lost.cancelled().await;
-                let stopping = shutdown.is_cancelled();
-                membership.leave("shutdown").await;
-                if !stopping {
-                    tracing::warn!("lost the coordinator lease; joining again");
-                }
-            }
-            Err(status) => {
-                tracing::warn!(error = %status, "joining the coordinator failed; retrying");
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-/// 32 random bits for an instance id, from the clock and the process id
-/// (no rand dependency for one number).
-fn rand_suffix() -> u32 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    nanos ^ std::process::id().rotate_left(16)
+    member::stay_joined(
+        &coordinator,
+        Role::RewardServer,
+        capabilities,
+        &member::instance_id("reward-server"),
+        MAX_JOIN_BACKOFF,
+        &shutdown,
+        &HostModels,
+    )
+    .await;
 }
 
 /// Starts a scoring worker per model and builds the service around their

@@ -151,7 +151,7 @@ async fn an_expired_deadline_answers_deadline_exceeded_and_is_not_scored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_worker_token_only_its_holders_are_scored_and_probes_stay_open() {
-    use encore_coordinator::auth::BearerToken;
+    use encore_client::BearerToken;
     use encore_proto::v1::DescribeModelsRequest;
     use encore_proto::v1::reward_service_client::RewardServiceClient;
 

@@ -9,19 +9,16 @@
 //! - [`model`]: [`RewardModel`] for prompt adherence (dual encoder, cosine
 //!   similarity), quality (MOS regressor) and user preference
 //!   (Bradley-Terry), with safetensors checkpoints.
-//! - [`train`]: training on the JSONL datasets of `encore-raters`, with
-//!   held-out evaluation (retrieval recall, Spearman and MSE, pairwise
-//!   accuracy) against what the raters' noise allows.
 //!
-//! The reward server (`encore-reward-server`) hosts these models over gRPC.
+//! The reward server (`encore-reward-server`) hosts these models over gRPC;
+//! `encore-reward-train` trains them on the JSONL datasets of
+//! `encore-raters`.
 
 use std::path::PathBuf;
 
 pub mod frontend;
-pub mod metrics;
 pub mod model;
 pub mod nn;
-pub mod train;
 
 pub use frontend::{Clip, Features, Frontend, FrontendConfig, resample, resampled_len};
 pub use model::{CODEC_ID, RewardConfig, RewardKind, RewardModel, ScoreInput};
@@ -58,9 +55,6 @@ pub enum RewardError {
         /// The cause.
         source: std::io::Error,
     },
-    /// A dataset could not be read.
-    #[error(transparent)]
-    Data(#[from] encore_raters::records::RecordError),
     /// A tensor operation failed.
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),

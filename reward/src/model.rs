@@ -439,7 +439,7 @@ impl RewardModel {
 
     /// Unit audio and caption embeddings and the contrastive logit scale, for
     /// training the adherence model.
-    pub(crate) fn contrastive(
+    pub fn contrastive(
         &self,
         features: &Features,
         captions: &[&str],

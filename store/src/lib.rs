@@ -53,7 +53,7 @@ mod validate;
 pub use clock::{Clock, ManualClock, SystemClock, from_millis, millis};
 pub use embedded::{Durability, EmbeddedOptions, EmbeddedStore};
 pub use error::{Result, StoreError};
-pub use queue::Queue;
+pub use queue::{Queue, QueueCounts};
 pub use redis_backend::{RedisConfig, RedisStore};
 pub use subscribe::{EventStream, subscribe};
 pub use types::{

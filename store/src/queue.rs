@@ -43,11 +43,28 @@ pub trait Queue: Send + Sync + Debug {
         count: usize,
     ) -> Result<Vec<QueueEntry>>;
 
+    /// The queue's length and `group`'s pending count (0 for an empty
+    /// `group`), in one call: one rpc for a queue behind the coordinator.
+    async fn stats(&self, job_id: &str, group: &str) -> Result<QueueCounts>;
+
     /// See [`Store::queue_len`].
-    async fn len(&self, job_id: &str) -> Result<u64>;
+    async fn len(&self, job_id: &str) -> Result<u64> {
+        Ok(self.stats(job_id, "").await?.len)
+    }
 
     /// See [`Store::queue_pending`].
-    async fn pending(&self, job_id: &str, group: &str) -> Result<u64>;
+    async fn pending(&self, job_id: &str, group: &str) -> Result<u64> {
+        Ok(self.stats(job_id, group).await?.pending)
+    }
+}
+
+/// What [`Queue::stats`] answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Entries in the queue: appended and not acknowledged.
+    pub len: u64,
+    /// Entries delivered to the group and not acknowledged.
+    pub pending: u64,
 }
 
 #[async_trait]
@@ -81,6 +98,16 @@ impl<S: Store + ?Sized> Queue for Arc<S> {
     ) -> Result<Vec<QueueEntry>> {
         self.queue_claim_stale(job_id, group, consumer, min_idle, count)
             .await
+    }
+
+    async fn stats(&self, job_id: &str, group: &str) -> Result<QueueCounts> {
+        let len = self.queue_len(job_id).await?;
+        let pending = if group.is_empty() {
+            0
+        } else {
+            self.queue_pending(job_id, group).await?
+        };
+        Ok(QueueCounts { len, pending })
     }
 
     async fn len(&self, job_id: &str) -> Result<u64> {

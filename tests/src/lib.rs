@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail, ensure};
 use candle_core::Device;
 use clap::Parser;
-use encore_cli::local_cluster::{ClusterConfig, stop, tail, token};
-use encore_coordinator::auth::BearerToken;
+use encore::local_cluster::{ClusterConfig, stop, tail, token};
+use encore_client::BearerToken;
 use encore_coordinator::config::AuthConfig;
 use encore_proto::v1::job_service_client::JobServiceClient;
 use encore_reward_server::ModelSpec;
@@ -45,9 +45,9 @@ pub fn serve_if_asked() -> Option<ExitCode> {
     if std::env::args().nth(1).as_deref() != Some("serve") {
         return None;
     }
-    let cli = encore_cli::Cli::parse();
+    let cli = encore::Cli::parse();
     encore_telemetry::init(cli.log_format, "info");
-    Some(match encore_cli::run(cli) {
+    Some(match encore::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

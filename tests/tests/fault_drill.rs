@@ -1,7 +1,8 @@
 //! The fault drill: a local cluster of `encore serve` processes (a
 //! coordinator, a reward server, two actors, a learner rank) runs a small
 //! job while each role is SIGKILLed once, mid-job, and started again on the
-//! same configuration (the coordinator on the same store): the reward
+//! same configuration (the coordinator on the same store, after 2 s
+//! away): the reward
 //! server, actor 0, the learner (two steps past its checkpoint, so that it
 //! holds entries it trained on and has not acknowledged) and the
 //! coordinator, each at least two steps after the restart before it. The
@@ -62,6 +63,8 @@ const FRAMES: u32 = 16;
 struct Kill {
     victim: &'static str,
     after: fn(u64) -> bool,
+    /// How long it stays down before it is started again.
+    down: Duration,
 }
 
 /// One process of each role, in this order. The coordinator comes last:
@@ -70,19 +73,23 @@ struct Kill {
 const KILLS: [Kill; 4] = [
     Kill {
         victim: "reward-server",
+        down: DOWN,
         after: any_step,
     },
     Kill {
         victim: "actor-0",
+        down: DOWN,
         after: any_step,
     },
     Kill {
         victim: "learner",
+        down: DOWN,
         after: learner_kill,
     },
     Kill {
         victim: "coordinator",
         after: coordinator_kill,
+        down: COORDINATOR_DOWN,
     },
 ];
 
@@ -107,12 +114,16 @@ fn coordinator_kill(step: u64) -> bool {
     !(step + 1).is_multiple_of(CHECKPOINT_EVERY)
 }
 
-/// How long a killed process stays down before it is started again: long
-/// enough that every worker calls a coordinator that is away (an actor
-/// looks at the queue at least every 250 ms), short of the learner's
-/// retries from its checkpoint (0.5 s, then 1 s apart; after the third
-/// failure it gives up and fails the job).
+/// How long a killed worker stays down before it is started again: long
+/// enough that its peers and the coordinator notice.
 const DOWN: Duration = Duration::from_millis(300);
+
+/// How long the coordinator stays down: long enough that every worker
+/// calls it while it is away (an actor looks at the queue at least every
+/// 250 ms) and longer than the learner's retries from its checkpoint
+/// (0.5 s, then 1 s apart) would last if failing to reach the coordinator
+/// counted as a failed attempt; short of the members' 3 s leases.
+const COORDINATOR_DOWN: Duration = Duration::from_secs(2);
 
 /// New steps reported after a restart before the next kill: the job has
 /// recovered from one fault before the next comes.
@@ -347,7 +358,7 @@ async fn follow(
                             let state = JobState::try_from(job.state).unwrap_or(JobState::Unspecified);
                             ensure!(!state.is_terminal(), "the job ended ({state:?}) before {} was killed", kill.victim);
                             if (kill.after)(job.step) {
-                                cluster.kill_and_restart(kill.victim, DOWN).await?;
+                                cluster.kill_and_restart(kill.victim, kill.down).await?;
                                 println!("[{}] step {}: SIGKILLed {} and started it again", variant.name(), job.step, kill.victim);
                                 kills.push((kill.victim, job.step));
                                 next_kill_from = job.step + RECOVERY_STEPS;

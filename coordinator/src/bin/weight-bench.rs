@@ -12,7 +12,7 @@
 //! tokio `TcpStream`s. Prints a Markdown table.
 //!
 //! HTTP/2 windows and frame size default to the coordinator's
-//! recommendation (`weights::HTTP2_*`); `--window-mib 0 --frame-kib 0`
+//! recommendation (`encore_client::endpoint::HTTP2_*`); `--window-mib 0 --frame-kib 0`
 //! measures hyper's defaults instead.
 //!
 //! ```text
@@ -26,12 +26,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use encore_client::endpoint::{HTTP2_MAX_FRAME_BYTES, HTTP2_STREAM_WINDOW_BYTES};
+use encore_client::weights::{self as client, MAX_CHUNK_BYTES, PublishData};
 use encore_coordinator::auth::Authenticator;
 use encore_coordinator::metrics::Metrics;
-use encore_coordinator::weights::client::{self, PublishData};
-use encore_coordinator::weights::{
-    HTTP2_MAX_FRAME_BYTES, HTTP2_STREAM_WINDOW_BYTES, MAX_CHUNK_BYTES, WeightOptions, Weights,
-};
+use encore_coordinator::weights::{WeightOptions, Weights};
 use encore_proto::v1::weight_service_client::WeightServiceClient;
 use encore_proto::v1::weight_service_server::WeightServiceServer;
 use encore_proto::v1::{

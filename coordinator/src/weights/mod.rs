@@ -4,7 +4,7 @@
 //!  learner rank 0 ──Publish(header, chunks)──▶ staging file ──verify──▶ rename
 //!                                            ──▶ Store::put_manifest (the commit point)
 //!  actors, CLI ◀──Fetch(manifest, chunks)── blob file, pinned while read
-//!             ◀──WatchVersions── in-process commit notices + the job's events
+//!  actors ──GetManifest (between batches)──▶ the latest version
 //! ```
 //!
 //! The bytes live in the blob directory (`blobs.rs`); the store only holds
@@ -21,9 +21,10 @@
 //!
 //! - `service.rs`: the tonic `WeightService` implementation and the small
 //!   rpcs (GetManifest, ListVersions).
-//! - `publish.rs`, `fetch.rs`, `watch.rs`: the three streaming rpcs.
-//! - [`client`]: publishing and resumable fetching for learners, actors and
-//!   the CLI.
+//! - `publish.rs`, `fetch.rs`: the two streaming rpcs.
+//!
+//! Publishing and resumable fetching, the learners', actors' and CLI's
+//! side, are `encore_client::weights`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,40 +33,19 @@ use std::time::Duration;
 use encore_proto::status::Violations;
 use encore_proto::v1::WeightManifest;
 use encore_store::Store;
-use tokio::sync::{Mutex, broadcast, mpsc};
+use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
+
+use encore_client::weights::{MAX_CHUNK_BYTES, sha_of, version_of};
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 
 mod blobs;
-pub mod client;
 mod fetch;
 mod gc;
 mod publish;
 mod service;
-mod watch;
-
-/// Largest chunk the protocol allows (`WeightChunk.data`), in bytes.
-pub const MAX_CHUNK_BYTES: usize = 1 << 20;
-
-/// HTTP/2 stream receive window for connections that carry weights, in
-/// bytes; the server and the clients should both set it (with
-/// [`HTTP2_CONNECTION_WINDOW_BYTES`] and [`HTTP2_MAX_FRAME_BYTES`]). With
-/// hyper's defaults (a 1 MiB window on the server, 16 KiB frames) a Publish
-/// stalls on window updates: `weight-bench` measured about 75 MB/s for a
-/// 100 MB publish on loopback, against about 300 MB/s (fsync included) with
-/// these settings, and Fetch gained about half again.
-pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 8 << 20;
-/// HTTP/2 connection receive window for connections that carry weights.
-pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
-/// Largest HTTP/2 frame to accept on connections that carry weights: one
-/// chunk per frame rather than 64.
-pub const HTTP2_MAX_FRAME_BYTES: u32 = 1 << 20;
-
-/// Commit notices kept for watchers that fall behind; one that falls
-/// further re-reads the store.
-const COMMIT_NOTICES: usize = 64;
 
 /// How the WeightService stores and serves weights.
 #[derive(Debug, Clone)]
@@ -113,8 +93,6 @@ struct Inner {
     chunk_bytes: usize,
     metrics: Metrics,
     shutdown: CancellationToken,
-    /// Every commit of this process, for WatchVersions.
-    commits: broadcast::Sender<WeightManifest>,
     /// Held from the rename of a verified file to the end of its commit, and
     /// by the orphan sweep, so the sweep never takes a file whose manifest
     /// is about to be committed. Commits are rare and short.
@@ -139,7 +117,6 @@ impl Weights {
                 path: options.blob_dir.display().to_string(),
                 source,
             })?;
-        let (commits, _) = broadcast::channel(COMMIT_NOTICES);
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
@@ -149,7 +126,6 @@ impl Weights {
                 chunk_bytes: options.chunk_bytes.clamp(1, MAX_CHUNK_BYTES),
                 metrics,
                 shutdown,
-                commits,
                 commit_lock: Mutex::new(()),
             }),
         })
@@ -291,16 +267,6 @@ async fn end_with<T>(tx: &mpsc::Sender<std::result::Result<T, tonic::Status>>, e
 /// never returns).
 fn job_of(manifest: &WeightManifest) -> &str {
     manifest.version.as_ref().map_or("", |v| v.job_id.as_str())
-}
-
-/// The version number of a manifest.
-fn version_of(manifest: &WeightManifest) -> u64 {
-    manifest.version.as_ref().map_or(0, |v| v.version)
-}
-
-/// The sha256 of a manifest.
-fn sha_of(manifest: &WeightManifest) -> &str {
-    manifest.version.as_ref().map_or("", |v| v.sha256.as_str())
 }
 
 #[cfg(test)]

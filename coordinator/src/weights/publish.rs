@@ -266,8 +266,6 @@ impl Weights {
             .weight_latest_version
             .with_label_values(&job)
             .set(version as f64);
-        // Fails only when nobody watches.
-        let _ = inner.commits.send(manifest.clone());
         if let Err(e) = self.record_latest(manifest).await {
             tracing::warn!(error = %e, "could not record the latest version on the job");
         }

@@ -8,14 +8,13 @@ use encore_proto::status::Violations;
 use encore_proto::v1::weight_service_server::WeightService;
 use encore_proto::v1::{
     ErrorReason, FetchRequest, GetManifestRequest, ListVersionsRequest, ListVersionsResponse,
-    PublishRequest, WatchVersionsRequest, WeightManifest,
+    PublishRequest, WeightManifest,
 };
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Span;
 
 use super::fetch::FetchStream;
-use super::watch::WatchStream;
 use super::{Weights, check_job_id, version_of};
 use crate::error::{Error, Result};
 
@@ -60,20 +59,6 @@ impl WeightService for Weights {
         self.inner
             .metrics
             .rpc("WeightService/GetManifest", body)
-            .await
-            .map(Response::new)
-    }
-
-    type WatchVersionsStream = WatchStream;
-
-    async fn watch_versions(
-        &self,
-        request: Request<WatchVersionsRequest>,
-    ) -> Result<Response<Self::WatchVersionsStream>, Status> {
-        let body = self.watch_stream(request);
-        self.inner
-            .metrics
-            .rpc("WeightService/WatchVersions", body)
             .await
             .map(Response::new)
     }

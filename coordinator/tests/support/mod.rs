@@ -11,8 +11,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use encore_client::BearerToken;
 use encore_coordinator::Config;
-use encore_coordinator::auth::BearerToken;
 use encore_coordinator::config::AuthConfig;
 use encore_coordinator::server::{Coordinator, RunningCoordinator};
 use encore_proto::v1::cluster_service_client::ClusterServiceClient;
@@ -326,7 +326,7 @@ pub fn register(role: Role, instance: &str) -> RegisterRequest {
             }),
             models,
             address,
-            software_version: encore_coordinator::cluster::SOFTWARE_VERSION.into(),
+            software_version: encore_client::SOFTWARE_VERSION.into(),
             ..Capabilities::default()
         }),
         instance_id: instance.into(),

@@ -34,7 +34,7 @@ use std::thread::JoinHandle;
 use prost::Message;
 use tokio::sync::oneshot;
 
-use super::records::Batch;
+use super::on_disk::Batch;
 use crate::error::{Result, StoreError};
 
 const WAL_MAGIC: &[u8; 8] = b"ENCWAL01";
@@ -372,7 +372,7 @@ fn flush(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::embedded::records::{MemberKey, Op, op::Kind};
+    use crate::embedded::on_disk::{MemberKey, Op, op::Kind};
 
     fn record(lsn: u64) -> Vec<u8> {
         Batch {

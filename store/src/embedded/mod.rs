@@ -5,7 +5,7 @@
 //! share one `Arc<EmbeddedStore>`.
 //!
 //! A mutation runs in three steps: under the state lock it is validated and
-//! turned into ops (the resulting rows, see [`records`]); the ops are
+//! turned into ops (the resulting rows, see [`on_disk`]); the ops are
 //! queued to the log writer and applied to memory, still under the lock, so
 //! log order is apply order; then, with the lock released, the call waits
 //! until the writer reports the record durable. Reads only take the lock.
@@ -16,7 +16,7 @@
 //! reasoning.
 
 mod log;
-mod records;
+mod on_disk;
 mod state;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 pub use self::log::Durability;
 use self::log::{Ack, LogWriter};
-use self::records::{
+use self::on_disk::{
     Batch, ClipRow, EventRow, ManifestKey, ManifestRow, MemberKey, Op, PinRow, PreferenceRow,
     QueueAckRow, QueueDeliverRow, QueueRow, op::Kind,
 };

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use encore_proto::v1::{Job, JobEvent, MemberStatus, WeightManifest, job_event};
 
-use super::records::{
+use super::on_disk::{
     Batch, ClipRow, EventRow, JobRow, ManifestKey, ManifestRow, MemberKey, MemberRow, Op, PinRow,
     PreferenceRow, QueueAckRow, QueueDeliverRow, QueueRow, op::Kind,
 };
@@ -106,7 +106,7 @@ pub(crate) struct Group {
 
 /// A job's rollout queue.
 #[derive(Debug, Default)]
-pub(crate) struct Queue {
+pub(crate) struct QueueState {
     /// Appended and not acknowledged.
     pub entries: BTreeMap<EntryId, Vec<u8>>,
     /// Last id handed out.
@@ -158,7 +158,7 @@ pub(crate) struct State {
     /// Instance id -> member id.
     pub instances: HashMap<String, String>,
     pub manifests: HashMap<String, Manifests>,
-    pub queues: HashMap<String, Queue>,
+    pub queues: HashMap<String, QueueState>,
     /// Sequence -> preference record.
     pub preferences: BTreeMap<u64, PreferenceRow>,
     /// (rater, key) -> sequence.

@@ -22,9 +22,14 @@
 //! [`IMPLICIT_STAGE`], holding the job's rewards and stop condition, so
 //! downstream code has a single shape to handle.
 
+#![warn(missing_docs)]
+
 mod dataset;
+mod plan;
 #[cfg(test)]
 mod tests;
+
+pub use plan::JobPlan;
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -171,7 +176,9 @@ impl Default for Limits {
 ///
 /// A dataset file (`prompts.dataset_path`) is opened and read through, so
 /// this blocks on file I/O: async callers run it on a blocking thread.
-pub fn validate(spec: &JobSpec, limits: &Limits) -> Result<(), Violations> {
+/// On success it returns the spec's [`JobPlan`]: the values the job will
+/// run with, its defaults applied.
+pub fn validate(spec: &JobSpec, limits: &Limits) -> Result<JobPlan, Violations> {
     let mut c = Check {
         v: Violations::default(),
         limits,
@@ -192,7 +199,8 @@ pub fn validate(spec: &JobSpec, limits: &Limits) -> Result<(), Violations> {
             format!("unknown policy architecture {}", spec.architecture),
         );
     }
-    c.v.into_result()
+    c.v.into_result()?;
+    JobPlan::of(&fill_defaults(spec))
 }
 
 /// The effective spec of a valid spec: every default the protocol describes
@@ -211,6 +219,22 @@ pub fn validate(spec: &JobSpec, limits: &Limits) -> Result<(), Violations> {
 /// `with_defaults(&with_defaults(s, r), r) == with_defaults(s, r)`. On an
 /// invalid spec it does its best and never panics.
 pub fn with_defaults(spec: &JobSpec, rng: &mut impl Rng) -> JobSpec {
+    let mut s = fill_defaults(spec);
+    let seeds = s.seeds.get_or_insert_with(Seeds::default);
+    let root = *seeds.root.get_or_insert_with(|| rng.random());
+    seeds
+        .prompt_order
+        .get_or_insert_with(|| derive_seed(root, SEED_STREAM_PROMPT_ORDER));
+    seeds
+        .sampling
+        .get_or_insert_with(|| derive_seed(root, SEED_STREAM_SAMPLING));
+    s
+}
+
+/// [`with_defaults`] but for the seeds: every default of the protocol
+/// filled in, the implicit stage made explicit. The one place the defaults
+/// are written.
+pub fn fill_defaults(spec: &JobSpec) -> JobSpec {
     let mut s = spec.clone();
 
     if s.stages.is_empty() {
@@ -258,15 +282,6 @@ pub fn with_defaults(spec: &JobSpec, rng: &mut impl Rng) -> JobSpec {
     if s.checkpoint_every_steps == 0 {
         s.checkpoint_every_steps = DEFAULT_CHECKPOINT_EVERY_STEPS;
     }
-
-    let seeds = s.seeds.get_or_insert_with(Seeds::default);
-    let root = *seeds.root.get_or_insert_with(|| rng.random());
-    seeds
-        .prompt_order
-        .get_or_insert_with(|| derive_seed(root, SEED_STREAM_PROMPT_ORDER));
-    seeds
-        .sampling
-        .get_or_insert_with(|| derive_seed(root, SEED_STREAM_SAMPLING));
     s
 }
 

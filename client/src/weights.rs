@@ -33,10 +33,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::codegen::{Body, Bytes, StdError};
-use tonic::transport::Endpoint;
 
-use super::MAX_CHUNK_BYTES;
-use super::blobs::{self, Spool};
+use crate::spool::{self, Spool};
+
+/// Largest chunk the protocol allows (`WeightChunk.data`), in bytes.
+pub const MAX_CHUNK_BYTES: usize = 1 << 20;
 
 /// Chunks queued ahead of the network while publishing.
 const PUBLISH_QUEUE: usize = 4;
@@ -118,17 +119,6 @@ pub enum FetchError {
         #[source]
         source: io::Error,
     },
-}
-
-/// `endpoint` with the HTTP/2 settings for moving weights
-/// ([`HTTP2_STREAM_WINDOW_BYTES`](super::HTTP2_STREAM_WINDOW_BYTES) and its
-/// siblings): larger receive windows and frames, which keep a 1 MiB chunk
-/// from waiting on window updates.
-pub fn tune_endpoint(endpoint: Endpoint) -> Endpoint {
-    endpoint
-        .initial_stream_window_size(Some(super::HTTP2_STREAM_WINDOW_BYTES))
-        .initial_connection_window_size(Some(super::HTTP2_CONNECTION_WINDOW_BYTES))
-        .max_frame_size(Some(super::HTTP2_MAX_FRAME_BYTES))
 }
 
 /// Publishes `data` as described by `header` in chunks of `chunk_bytes`
@@ -242,7 +232,7 @@ async fn send_all(
             loop {
                 let len = chunk_bytes as u64;
                 let (back, piece) =
-                    tokio::task::spawn_blocking(move || blobs::read_up_to(file, len))
+                    tokio::task::spawn_blocking(move || spool::read_up_to(file, len))
                         .await
                         .map_err(io::Error::other)
                         .and_then(|r| r)
@@ -336,7 +326,7 @@ where
     } = download;
     let manifest = manifest.unwrap_or_default();
     let spooled = spool.finish().await.map_err(io_error(&part))?;
-    let expected = super::sha_of(&manifest);
+    let expected = sha_of(&manifest);
     if spooled.sha256 != expected {
         return Err(FetchError::ChecksumMismatch {
             expected: expected.to_owned(),
@@ -345,7 +335,7 @@ where
         });
     }
     let (from, to) = (spooled.file.path().to_path_buf(), dest.to_path_buf());
-    tokio::task::spawn_blocking(move || blobs::rename_durably(&from, &to))
+    tokio::task::spawn_blocking(move || spool::rename_durably(&from, &to))
         .await
         .map_err(io::Error::other)
         .and_then(|r| r)
@@ -410,12 +400,12 @@ impl Download {
         // Once a manifest arrived, every resume names its version and hash.
         let request = FetchRequest {
             job_id: job_id.to_owned(),
-            version: self.manifest.as_ref().map(super::version_of).or(version),
+            version: self.manifest.as_ref().map(version_of).or(version),
             offset: self.received,
             expected_sha256: self
                 .manifest
                 .as_ref()
-                .map(|m| super::sha_of(m).to_owned())
+                .map(|m| sha_of(m).to_owned())
                 .unwrap_or_default(),
         };
         let mut stream = client.fetch(request).await.map_err(classify)?.into_inner();
@@ -484,4 +474,14 @@ fn classify(status: tonic::Status) -> Attempt {
         | Code::ResourceExhausted => Attempt::Broken(status),
         _ => Attempt::Fatal(FetchError::Refused(Box::new(status))),
     }
+}
+
+/// The version number of a manifest.
+pub fn version_of(manifest: &WeightManifest) -> u64 {
+    manifest.version.as_ref().map_or(0, |v| v.version)
+}
+
+/// The sha256 of a manifest.
+pub fn sha_of(manifest: &WeightManifest) -> &str {
+    manifest.version.as_ref().map_or("", |v| v.sha256.as_str())
 }

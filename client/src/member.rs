@@ -22,18 +22,21 @@ use encore_proto::v1::cluster_service_client::ClusterServiceClient;
 use encore_proto::v1::rollout_queue_service_client::RolloutQueueServiceClient;
 use encore_proto::v1::weight_service_client::WeightServiceClient;
 use encore_proto::v1::{
-    Assignment, Capabilities, DeregisterRequest, HeartbeatRequest, MemberStatus, RegisterRequest,
-    Role, WatchAssignmentRequest,
+    Assignment, Capabilities, DeregisterRequest, DeviceKind, HeartbeatRequest, MemberStatus,
+    RegisterRequest, Resources, Role, WatchAssignmentRequest,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 
-use crate::auth::BearerToken;
-use crate::config::CoordinatorTls;
+use crate::endpoint::{CoordinatorTls, endpoint, tune_endpoint};
+use crate::token::BearerToken;
+
+/// Software version members must share with the coordinator (major.minor).
+pub const SOFTWARE_VERSION: &str = concat!("encore ", env!("CARGO_PKG_VERSION"));
 
 /// A ClusterService client carrying the worker or member token.
 pub type ClusterClient = ClusterServiceClient<InterceptedService<Channel, BearerToken>>;
@@ -51,32 +54,6 @@ pub struct CoordinatorClient {
     token: BearerToken,
 }
 
-/// An endpoint for the coordinator at `url`: TLS trusting `tls.ca` for an
-/// `https://` URL, which needs it, plaintext for `http://`. Errors name the
-/// setting relative to the client's section (`coordinator`, `tls.ca`).
-pub fn endpoint(url: &str, tls: Option<&CoordinatorTls>) -> Result<Endpoint, String> {
-    let endpoint =
-        Endpoint::from_shared(url.to_owned()).map_err(|e| format!("coordinator: {e}"))?;
-    let https = endpoint.uri().scheme_str() == Some("https");
-    match (tls, https) {
-        (Some(tls), true) => {
-            let pem =
-                std::fs::read(&tls.ca).map_err(|e| format!("tls.ca: {}: {e}", tls.ca.display()))?;
-            endpoint
-                .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
-                .map_err(|e| format!("tls.ca: {e}"))
-        }
-        (None, true) => Err(format!(
-            "tls.ca: required for the https:// coordinator {url}: the CA certificate (PEM) \
-             its certificate chains to"
-        )),
-        (Some(_), false) => Err(format!(
-            "tls: set, but the coordinator URL {url} is not https://"
-        )),
-        (None, false) => Ok(endpoint),
-    }
-}
-
 impl CoordinatorClient {
     /// Clients of the coordinator at `url` with `token`, over TLS with
     /// `tls` (see [`endpoint`]); fails, naming the problem, on a malformed
@@ -84,7 +61,7 @@ impl CoordinatorClient {
     pub fn new(url: &str, token: &str, tls: Option<&CoordinatorTls>) -> Result<Self, String> {
         let token = BearerToken::new(token).map_err(|e| format!("worker_token: {e}"))?;
         let endpoint = endpoint(url, tls)?;
-        let channel = crate::weights::client::tune_endpoint(endpoint)
+        let channel = tune_endpoint(endpoint)
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .connect_lazy();
@@ -120,6 +97,88 @@ pub fn instance_id(prefix: &str) -> String {
         std::process::id(),
         rand::random::<u32>()
     )
+}
+
+/// What this process offers when it registers: its device (CUDA when
+/// `cuda`, one of them, else the CPU), its CPU cores and
+/// [`SOFTWARE_VERSION`]. Roles add what is theirs (an address, models).
+pub fn capabilities(cuda: bool) -> Capabilities {
+    Capabilities {
+        resources: Some(Resources {
+            device: if cuda {
+                DeviceKind::Cuda
+            } else {
+                DeviceKind::Cpu
+            } as i32,
+            device_count: u32::from(cuda),
+            cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            ..Resources::default()
+        }),
+        software_version: SOFTWARE_VERSION.into(),
+        ..Capabilities::default()
+    }
+}
+
+/// What a worker does with a membership, which [`stay_joined`] runs:
+/// follow its assignments until the membership is lost
+/// ([`Membership::lost`], which `shutdown` cancels too), then return.
+pub trait MemberWork: Sync {
+    /// Works for `membership` until it ends.
+    fn with_membership(&self, membership: &Membership) -> impl Future<Output = ()> + Send;
+}
+
+/// The first pause after a failed Register; it doubles per failure in a
+/// row, up to the caller's longest.
+const FIRST_JOIN_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Keeps this process a member as `role` until `shutdown`: the one join
+/// loop every worker runs. It registers (retrying with back-off, doubling
+/// up to `max_backoff`, while the coordinator is away or refuses), runs
+/// the `worker`'s [`MemberWork`] until it returns, leaves, and registers
+/// again unless `shutdown` was cancelled: a lost lease is a new
+/// membership, not an end.
+pub async fn stay_joined(
+    coordinator: &CoordinatorClient,
+    role: Role,
+    capabilities: Capabilities,
+    instance_id: &str,
+    max_backoff: Duration,
+    shutdown: &CancellationToken,
+    worker: &impl MemberWork,
+) {
+    let mut backoff = FIRST_JOIN_BACKOFF;
+    while !shutdown.is_cancelled() {
+        let membership = match Membership::join(
+            coordinator,
+            role,
+            capabilities.clone(),
+            instance_id,
+            shutdown,
+        )
+        .await
+        {
+            Ok(membership) => membership,
+            Err(status) => {
+                tracing::warn!(error = %status, retry_in = ?backoff,
+                        "joining the coordinator failed; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(max_backoff);
+                continue;
+            }
+        };
+        backoff = FIRST_JOIN_BACKOFF;
+        worker.with_membership(&membership).await;
+        membership.leave("shutdown").await;
+        if !shutdown.is_cancelled() {
+            tracing::warn!(
+                role = role.as_str_name(),
+                "the membership ended; joining again"
+            );
+        }
+    }
 }
 
 /// Longest pause between tries to re-open the assignment stream.
@@ -198,6 +257,26 @@ impl Membership {
         })
     }
 
+    /// A token cancelled once the assignment moves past `generation` or
+    /// the membership is lost: what work on one assignment watches. The
+    /// watch ends when the scope is dropped.
+    pub fn assignment_scope(&self, generation: u64) -> AssignmentScope {
+        let cancel = self.lost.child_token();
+        let watcher = {
+            let cancel = cancel.clone();
+            let mut assigned = self.assignments.clone();
+            tokio::spawn(async move {
+                while assigned.changed().await.is_ok() {
+                    if assigned.borrow().generation != generation {
+                        break;
+                    }
+                }
+                cancel.cancel();
+            })
+        };
+        AssignmentScope { cancel, watcher }
+    }
+
     /// Changes what the next heartbeats report.
     pub fn update_status(&self, change: impl FnOnce(&mut MemberStatus)) {
         change(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
@@ -239,6 +318,20 @@ impl Membership {
                 .await;
             tracing::info!(member_id = %self.member_id, reason, "deregistered");
         }
+    }
+}
+
+/// See [`Membership::assignment_scope`].
+#[derive(Debug)]
+pub struct AssignmentScope {
+    /// Cancelled when the assignment changes or the membership is lost.
+    pub cancel: CancellationToken,
+    watcher: JoinHandle<()>,
+}
+
+impl Drop for AssignmentScope {
+    fn drop(&mut self) {
+        self.watcher.abort();
     }
 }
 

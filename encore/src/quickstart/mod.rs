@@ -31,7 +31,7 @@ use encore_model::pretrain::{PretrainConfig, pretrain};
 use encore_raters::generate::{self, GenConfig};
 use encore_raters::records::write_jsonl;
 use encore_reward::ArchConfig;
-use encore_reward::train::{self, TrainConfig, TrainReport};
+use encore_reward_train::{self as train, TrainConfig, TrainReport};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -273,7 +273,7 @@ impl Progress {
     /// A bar of `len` steps labelled `label`.
     pub(crate) fn new(len: u64, label: &str) -> Progress {
         Progress {
-            bar: crate::progress_bar(len, label),
+            bar: encore_cli::progress_bar(len, label),
             label: label.to_owned(),
             last_line: Instant::now(),
         }

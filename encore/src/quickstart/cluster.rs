@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use encore_coordinator::auth::BearerToken;
+use encore_client::BearerToken;
 use encore_coordinator::config::AuthConfig;
 use encore_proto::v1::job_service_client::JobServiceClient;
 use encore_proto::v1::{

@@ -4,8 +4,8 @@
 
 use candle_core::Device;
 use encore_raters::generate::{self, GenConfig};
-use encore_reward::train::{self, Evaluation, TrainConfig};
 use encore_reward::{ArchConfig, RewardModel, ScoreInput};
+use encore_reward_train::{self as train, Evaluation, TrainConfig};
 
 fn small() -> TrainConfig {
     TrainConfig {

@@ -2,7 +2,7 @@
 //! steps of the tiny preset, sample a WAV from the checkpoint, evaluate it.
 
 use clap::Parser;
-use encore_cli::{Cli, run};
+use encore::{Cli, run};
 
 fn encore(args: &[&str]) -> anyhow::Result<()> {
     let argv: Vec<&str> = std::iter::once("encore")

@@ -42,6 +42,9 @@ pub(super) struct Evaluation {
     /// Mean utility of each model's clips to each judge population:
     /// `utility[model][judge]`.
     pub utility: Vec<Vec<f64>>,
+    /// The same utility term by term, in `UtilityParts::terms` order:
+    /// `utility_parts[model][judge]`.
+    pub utility_parts: Vec<Vec<[f64; 6]>>,
     /// How diverse each model's clips are.
     pub diversity: Vec<Diversity>,
     /// Share of each reward model's score variance that lies between a
@@ -50,9 +53,9 @@ pub(super) struct Evaluation {
     /// of a reward.
     pub within_prompt_share: Vec<[f64; 3]>,
     /// The simulator's ground truth, which no judge sees directly: mean
-    /// prompt adherence (0-1) and latent quality (1-5) of each model's
-    /// clips.
-    pub truth: Vec<(f64, f64)>,
+    /// prompt adherence (0-1), latent quality (1-5) and notes per second
+    /// of each model's clips.
+    pub truth: Vec<(f64, f64, f64)>,
     /// Pairwise results, A vs B for each pair of models.
     pub pairs: Vec<PairResult>,
 }
@@ -379,6 +382,7 @@ pub(super) fn evaluate(
     let mut means = Vec::new();
     let mut within_share = Vec::new();
     let mut utility = Vec::new();
+    let mut utility_parts = Vec::new();
     let mut truth = Vec::new();
     for mi in 0..models.len() {
         let mut m = [0.0; 3];
@@ -391,29 +395,42 @@ pub(super) fn evaluate(
         means.push(m);
         within_share.push(within);
         let mut per_judge = Vec::new();
+        let mut parts_per_judge = Vec::new();
         for judge in &judges {
-            let (mut total, mut n) = (0.0, 0.0);
+            let (mut total, mut parts, mut n) = (0.0, [0.0; 6], 0.0);
             for (i, e) in prompts.iter().enumerate() {
                 for f in &features[mi][i] {
                     for rater in &judge.raters {
-                        total += f64::from(rater.utility_of(&e.attributes, &e.mentioned, f));
+                        let p = rater.utility_parts(&e.attributes, &e.mentioned, f);
+                        total += f64::from(p.total());
+                        for (sum, term) in parts.iter_mut().zip(p.terms()) {
+                            *sum += f64::from(term);
+                        }
                         n += 1.0;
                     }
                 }
             }
-            per_judge.push(total / f64::max(n, 1.0));
+            let n = f64::max(n, 1.0);
+            per_judge.push(total / n);
+            parts_per_judge.push(parts.map(|sum| sum / n));
         }
         utility.push(per_judge);
-        let (mut adherence, mut quality, mut clips_seen) = (0.0, 0.0, 0.0);
+        utility_parts.push(parts_per_judge);
+        let (mut adherence, mut quality, mut rate, mut clips_seen) = (0.0, 0.0, 0.0, 0.0);
         for (i, e) in prompts.iter().enumerate() {
             for f in &features[mi][i] {
                 adherence += f64::from(f.analysis.prompt_adherence(&e.attributes, &e.mentioned));
                 quality += f64::from(f.quality);
+                rate += f64::from(f.notes_per_second);
                 clips_seen += 1.0;
             }
         }
         let clips_seen = f64::max(clips_seen, 1.0);
-        truth.push((adherence / clips_seen, quality / clips_seen));
+        truth.push((
+            adherence / clips_seen,
+            quality / clips_seen,
+            rate / clips_seen,
+        ));
     }
 
     let index = |name: &str| models.iter().position(|(m, _)| m == name);
@@ -468,6 +485,7 @@ pub(super) fn evaluate(
         means,
         judges,
         utility,
+        utility_parts,
         diversity,
         within_prompt_share: within_share,
         truth,

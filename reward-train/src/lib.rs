@@ -1,5 +1,7 @@
-//! Training the reward models on the JSONL datasets of `encore-raters`, with
-//! held-out evaluation.
+//! Training Encore's reward models (`encore-reward`) on the JSONL datasets of
+//! `encore-raters`, with held-out evaluation. The reward server links the
+//! models only; training, and the simulated raters its ceilings need, live
+//! here.
 //!
 //! - adherence: symmetric InfoNCE over (caption, clip) pairs with a learned
 //!   temperature; captions repeated inside a batch are not counted as
@@ -13,7 +15,10 @@
 //!   pairs, against the Bayes-optimal accuracy given the rater population.
 //!
 //! The held-out split is a pure function of each record's id (or position
-//! for clips) and the seed, so it is the same on every run.
+//! for clips) and the seed, so it is the same on every run. [`heldout`]
+//! computes the figures.
+
+#![warn(missing_docs)]
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -22,16 +27,36 @@ use candle_core::{Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use encore_raters::records::{Choice, ClipRecord, PreferenceRecord, RatingRecord};
 use encore_raters::stats::{pearson, spearman};
+use encore_reward::{
+    ArchConfig, Clip, Features, Frontend, FrontendConfig, RewardConfig, RewardError, RewardKind,
+    RewardModel, ScoreInput,
+};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::RewardError;
-use crate::frontend::{Features, Frontend, FrontendConfig};
-use crate::metrics::{mse, oracle_recall_at_k, pairwise_accuracy, recall_at_k};
-use crate::model::{RewardConfig, RewardKind, RewardModel};
-use crate::nn::ArchConfig;
+pub mod heldout;
+
+use heldout::{mse, oracle_recall_at_k, pairwise_accuracy, recall_at_k};
+
+/// Everything that can go wrong while training or evaluating.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A training setting is invalid; the message names the key.
+    #[error("invalid config: {0}")]
+    Config(String),
+    /// The data cannot be trained on (too few examples), or training
+    /// diverged.
+    #[error("invalid input: {0}")]
+    Input(String),
+    /// The reward model failed (features, scoring, checkpoints).
+    #[error(transparent)]
+    Reward(#[from] RewardError),
+    /// A tensor operation failed.
+    #[error("tensor: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
 
 /// Clips measured to set the front end's normalisation.
 const STATS_CLIPS: usize = 256;
@@ -97,9 +122,9 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     /// Checks the settings; errors name the key.
-    pub fn validate(&self) -> Result<(), RewardError> {
+    pub fn validate(&self) -> Result<(), TrainError> {
         let bad =
-            |key: &str, why: &str| Err(RewardError::Config(format!("reward_train.{key}: {why}")));
+            |key: &str, why: &str| Err(TrainError::Config(format!("reward_train.{key}: {why}")));
         if self.epochs == 0 {
             return bad("epochs", "must be at least 1");
         }
@@ -249,7 +274,7 @@ fn fresh_model(
     cfg: &TrainConfig,
     clips: &[&[u32]],
     device: &Device,
-) -> Result<RewardModel, RewardError> {
+) -> Result<RewardModel, TrainError> {
     let mut config = RewardConfig::new(kind);
     config.arch = cfg.arch.clone();
     let mut model = RewardModel::fresh(config, device, cfg.seed)?;
@@ -273,15 +298,15 @@ fn fresh_model(
     Ok(model)
 }
 
-/// Features of every clip (token slices or [`crate::Clip`]s, audio
+/// Features of every clip (token slices or [`Clip`]s, audio
 /// included), in parallel chunks so progress can be shown.
 fn features_of<'c, C>(
     frontend: &Frontend,
     clips: &[C],
     progress: &mut dyn FnMut(Progress),
-) -> Result<Vec<Vec<f32>>, RewardError>
+) -> Result<Vec<Vec<f32>>, TrainError>
 where
-    C: Into<crate::Clip<'c>> + Copy + Sync,
+    C: Into<Clip<'c>> + Copy + Sync,
 {
     let mut out = Vec::with_capacity(clips.len());
     for chunk in clips.chunks(512) {
@@ -306,8 +331,8 @@ fn optimise(
     n: usize,
     cfg: &TrainConfig,
     progress: &mut dyn FnMut(Progress),
-    loss: &dyn Fn(&[usize]) -> Result<Tensor, RewardError>,
-) -> Result<(usize, f64), RewardError> {
+    loss: &dyn Fn(&[usize]) -> Result<Tensor, TrainError>,
+) -> Result<(usize, f64), TrainError> {
     let vars = model.vars().all_vars();
     let mut opt = AdamW::new(
         vars.clone(),
@@ -342,13 +367,13 @@ fn optimise(
             let l = loss(batch)?;
             let value = f64::from(l.to_scalar::<f32>()?);
             if !value.is_finite() {
-                return Err(RewardError::Input(format!(
+                return Err(TrainError::Input(format!(
                     "training diverged at step {step} (loss {value}); lower reward_train.learning_rate"
                 )));
             }
             let mut grads = l.backward()?;
             encore_model::pretrain::clip_grad_norm(&mut grads, &vars, cfg.grad_clip)
-                .map_err(|e| RewardError::Input(e.to_string()))?;
+                .map_err(|e| TrainError::Input(e.to_string()))?;
             opt.step(&grads)?;
             step += 1;
             sum += value;
@@ -393,8 +418,8 @@ fn optimise(
 fn mean_loss(
     examples: &[usize],
     batch_size: usize,
-    loss: &dyn Fn(&[usize]) -> Result<Tensor, RewardError>,
-) -> Result<Option<f64>, RewardError> {
+    loss: &dyn Fn(&[usize]) -> Result<Tensor, TrainError>,
+) -> Result<Option<f64>, TrainError> {
     let mut sum = 0.0;
     let mut count = 0;
     for batch in examples.chunks(batch_size) {
@@ -413,7 +438,7 @@ pub fn train_adherence(
     cfg: &TrainConfig,
     device: &Device,
     progress: &mut dyn FnMut(Progress),
-) -> Result<(RewardModel, TrainReport), RewardError> {
+) -> Result<(RewardModel, TrainReport), TrainError> {
     cfg.validate()?;
     let started = Instant::now();
     let mut train: Vec<&ClipRecord> = Vec::new();
@@ -457,7 +482,7 @@ pub fn train_adherence(
 }
 
 /// Additive mask that removes repeated captions as each other's negatives.
-fn duplicate_mask(captions: &[&str], device: &Device) -> Result<Tensor, RewardError> {
+fn duplicate_mask(captions: &[&str], device: &Device) -> Result<Tensor, TrainError> {
     let n = captions.len();
     let mut mask = vec![0f32; n * n];
     for i in 0..n {
@@ -474,7 +499,7 @@ fn duplicate_mask(captions: &[&str], device: &Device) -> Result<Tensor, RewardEr
 pub fn evaluate_adherence(
     model: &RewardModel,
     records: &[&ClipRecord],
-) -> Result<Evaluation, RewardError> {
+) -> Result<Evaluation, TrainError> {
     let n = records.len();
     let mut audio = Vec::new();
     let mut text = Vec::new();
@@ -532,7 +557,7 @@ pub fn train_quality(
     cfg: &TrainConfig,
     device: &Device,
     progress: &mut dyn FnMut(Progress),
-) -> Result<(RewardModel, TrainReport), RewardError> {
+) -> Result<(RewardModel, TrainReport), TrainError> {
     cfg.validate()?;
     let started = Instant::now();
     let (train, eval): (Vec<RatedClip>, Vec<RatedClip>) = group_ratings(records)
@@ -569,19 +594,19 @@ pub fn train_quality(
 pub fn evaluate_quality(
     model: &RewardModel,
     records: &[RatingRecord],
-) -> Result<Evaluation, RewardError> {
+) -> Result<Evaluation, TrainError> {
     evaluate_quality_clips(model, &group_ratings(records))
 }
 
 fn evaluate_quality_clips(
     model: &RewardModel,
     clips: &[RatedClip],
-) -> Result<Evaluation, RewardError> {
+) -> Result<Evaluation, TrainError> {
     let mut predicted = Vec::with_capacity(clips.len());
     for chunk in clips.chunks(128) {
-        let items: Vec<crate::ScoreInput> = chunk
+        let items: Vec<ScoreInput> = chunk
             .iter()
-            .map(|c| crate::ScoreInput::tokens("", c.tokens))
+            .map(|c| ScoreInput::tokens("", c.tokens))
             .collect();
         predicted.extend(model.score(&items)?.into_iter().map(f64::from));
     }
@@ -624,7 +649,7 @@ pub fn train_preference(
     cfg: &TrainConfig,
     device: &Device,
     progress: &mut dyn FnMut(Progress),
-) -> Result<(RewardModel, TrainReport), RewardError> {
+) -> Result<(RewardModel, TrainReport), TrainError> {
     cfg.validate()?;
     let started = Instant::now();
     let (train, eval): (Vec<&PreferenceRecord>, Vec<&PreferenceRecord>) = records
@@ -689,7 +714,7 @@ pub fn evaluate_preference(
     records: &[&PreferenceRecord],
     population_seed: u64,
     raters: usize,
-) -> Result<Evaluation, RewardError> {
+) -> Result<Evaluation, TrainError> {
     let decided: Vec<&PreferenceRecord> = records
         .iter()
         .copied()
@@ -697,12 +722,12 @@ pub fn evaluate_preference(
         .collect();
     let mut margins = Vec::with_capacity(decided.len());
     for chunk in decided.chunks(64) {
-        let items: Vec<crate::ScoreInput> = chunk
+        let items: Vec<ScoreInput> = chunk
             .iter()
             .flat_map(|r| {
                 [
-                    crate::ScoreInput::tokens(&r.caption, &r.a.tokens),
-                    crate::ScoreInput::tokens(&r.caption, &r.b.tokens),
+                    ScoreInput::tokens(&r.caption, &r.a.tokens),
+                    ScoreInput::tokens(&r.caption, &r.b.tokens),
                 ]
             })
             .collect();
@@ -733,9 +758,9 @@ fn check_sizes(
     train: usize,
     eval: usize,
     cfg: &TrainConfig,
-) -> Result<(), RewardError> {
+) -> Result<(), TrainError> {
     if train < cfg.batch_size.max(2) || eval < 2 {
-        return Err(RewardError::Input(format!(
+        return Err(TrainError::Input(format!(
             "{kind}: {train} training and {eval} held-out examples are too few \
              (need at least batch_size = {} to train and 2 to evaluate)",
             cfg.batch_size
@@ -755,7 +780,7 @@ fn finish(
     final_loss: f64,
     eval: Evaluation,
     started: Instant,
-) -> Result<(RewardModel, TrainReport), RewardError> {
+) -> Result<(RewardModel, TrainReport), TrainError> {
     let report = TrainReport {
         kind,
         train_examples,

@@ -142,9 +142,9 @@ fn dataset_at(path: &str) -> Option<PromptSource> {
     })
 }
 
-fn fields(result: Result<(), Violations>) -> Vec<(String, ErrorReason)> {
+fn fields(result: Result<JobPlan, Violations>) -> Vec<(String, ErrorReason)> {
     match result {
-        Ok(()) => vec![],
+        Ok(_) => vec![],
         Err(v) => v
             .listed()
             .iter()
@@ -744,7 +744,7 @@ fn dataset_report(path: &str, limits: &Limits) -> Vec<(ErrorReason, String)> {
     let mut spec = valid();
     spec.prompts = dataset_at(path);
     match validate(&spec, limits) {
-        Ok(()) => vec![],
+        Ok(_) => vec![],
         Err(v) => v
             .listed()
             .iter()
@@ -1291,9 +1291,15 @@ fn check_properties(spec: &JobSpec, rng: &mut StdRng) -> bool {
     assert_eq!(canonical_encoding(&decoded), canonical);
     let _ = (stages(spec), stage_names(spec), reward_models(spec));
     match result {
-        Ok(()) => {
+        Ok(plan) => {
             if let Err(v) = validate(&eff, &limits) {
                 panic!("the effective spec of a valid spec fails: {v}\n{eff:?}");
+            }
+            // The plan a worker reads from the stored spec is the one the
+            // submit validated: no default is applied twice or differently.
+            match JobPlan::of(&eff) {
+                Ok(read) => assert_eq!(read, plan, "the plans differ\n{eff:?}"),
+                Err(v) => panic!("the effective spec has no plan: {v}\n{eff:?}"),
             }
             assert_eq!(with_defaults(&eff, rng), eff, "not a fixed point");
             assert_eq!(stage_names(&eff), stage_names(spec));

@@ -12,12 +12,12 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use encore_reward::train::{self, TrainReport};
+use encore_reward_train::{self as train, TrainReport};
 
 use super::Plan;
 use super::cluster::JobRun;
 use super::eval::{Evaluation, REWARD_MODELS};
-use crate::plot::{Chart, Marker, Series, write_png};
+use encore_cli::plot::{Chart, Marker, Series, write_png};
 
 /// Everything the report is made of.
 pub(super) struct Inputs<'a> {
@@ -165,7 +165,7 @@ fn audio(inputs: &Inputs<'_>) -> anyhow::Result<Vec<String>> {
                 continue;
             };
             let name = format!("{:02}-{}.wav", i + 1, model.to_lowercase());
-            let audio = crate::sample::normalise(encore_codec::render(tokens)?);
+            let audio = encore_cli::normalise(encore_codec::render(tokens)?);
             encore_codec::write_wav(&inputs.dir.join("audio").join(&name), &audio)?;
             files.push(format!("[{model}](audio/{name})"));
         }
@@ -335,29 +335,51 @@ fn summary(inputs: &Inputs<'_>, table: &str, audio: &[String]) -> anyhow::Result
     md.push_str(
         "What the reward models say, next to the simulator's ground truth that no judge sees \
          directly: the clips' prompt adherence (0-1, attributes the prompt mentions that the \
-         clip has) and latent quality (1-5). A reward model's score that rises while the truth \
-         does not is reward hacking.\n\n",
+         clip has), latent quality (1-5), and notes per second (the raters' tastes centre on \
+         about 3). A reward model's score that rises while the truth does not is reward \
+         hacking.\n\n",
     );
     md.push_str(
-        "| model | adherence RM | quality RM (1-5) | preference RM (logit) | true adherence | true quality |",
+        "| model | adherence RM | quality RM (1-5) | preference RM (logit) | true adherence | true quality | notes/s |",
     );
     for j in &e.judges {
         write!(md, " {}' utility |", j.name)?;
     }
-    md.push_str("\n| --- | ---: | ---: | ---: | ---: | ---: |");
+    md.push_str("\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     md.push_str(&" ---: |".repeat(e.judges.len()));
     md.push('\n');
     for (mi, model) in e.models.iter().enumerate() {
         let [a, q, p] = e.means[mi];
-        let (true_a, true_q) = e.truth[mi];
+        let (true_a, true_q, rate) = e.truth[mi];
         write!(
             md,
-            "| {model} | {a:.3} | {q:.3} | {p:.3} | {true_a:.3} | {true_q:.3} |"
+            "| {model} | {a:.3} | {q:.3} | {p:.3} | {true_a:.3} | {true_q:.3} | {rate:.2} |"
         )?;
         for u in &e.utility[mi] {
             write!(md, " {u:.3} |")?;
         }
         md.push('\n');
+    }
+
+    md.push_str(
+        "\nWhat each judge's utility is made of, term by term (means over the judge's raters \
+         and the model's clips; the terms sum to the utility above): the rater's weight times \
+         adherence, times `(quality - 3) / 2`, and the taste terms that neither reward model \
+         of stage R sees (liking of the instruments, closeness of the median pitch and of the \
+         note rate to the rater's preferred ones, liking of loud or soft playing).\n\n\
+         | model | judge | adherence | quality | instrument | register | loudness | note rate | taste (sum) |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for (mi, model) in e.models.iter().enumerate() {
+        for (j, judge) in e.judges.iter().enumerate() {
+            let [a, q, i, r, l, n] = e.utility_parts[mi][j];
+            writeln!(
+                md,
+                "| {model} | {} | {a:.3} | {q:.3} | {i:.3} | {r:.3} | {l:.3} | {n:.3} | {:.3} |",
+                judge.name,
+                i + r + l + n
+            )?;
+        }
     }
 
     md.push_str("\n## Diversity\n\n");

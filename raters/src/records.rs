@@ -118,11 +118,6 @@ pub struct ClipRecord {
     /// Simulator ground truth; absent in collected data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub truth: Option<Truth>,
-    /// A hard negative: a clip like this one except in one attribute the
-    /// caption mentions, which the adherence model learns to score below
-    /// the clip itself. Absent unless generated.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hard_negative: Option<Vec<u32>>,
 }
 
 /// One rater's 1-5 rating of one clip's quality.
@@ -249,9 +244,6 @@ impl Validate for ClipRecord {
     fn validate(&self) -> Result<(), RecordError> {
         non_empty("caption", &self.caption)?;
         valid_tokens("tokens", &self.tokens)?;
-        if let Some(negative) = &self.hard_negative {
-            valid_tokens("hard_negative", negative)?;
-        }
         valid_truth(&self.truth)
     }
 }
@@ -431,20 +423,11 @@ mod tests {
         write_jsonl(&path, &prefs).unwrap();
         assert_eq!(read_valid_jsonl::<PreferenceRecord>(&path).unwrap(), prefs);
 
-        let clips = vec![
-            ClipRecord {
-                caption: "fast trumpet".into(),
-                tokens: vec![700, 2, 1],
-                truth: Some(truth()),
-                hard_negative: None,
-            },
-            ClipRecord {
-                caption: "slow trumpet".into(),
-                tokens: vec![700, 1, 1],
-                truth: None,
-                hard_negative: Some(vec![700, 2, 2]),
-            },
-        ];
+        let clips = vec![ClipRecord {
+            caption: "fast trumpet".into(),
+            tokens: vec![700, 2, 1],
+            truth: Some(truth()),
+        }];
         let path = dir.path().join("clips.jsonl");
         write_jsonl(&path, &clips).unwrap();
         assert_eq!(read_jsonl::<ClipRecord>(&path).unwrap(), clips);
@@ -549,15 +532,7 @@ mod tests {
             caption: "x".into(),
             tokens: vec![1],
             truth: Some(truth()),
-            hard_negative: Some(vec![VOCAB_SIZE as u32]),
         };
-        assert!(
-            c.validate()
-                .unwrap_err()
-                .to_string()
-                .starts_with("hard_negative[0]:")
-        );
-        c.hard_negative = None;
         assert!(c.validate().is_ok());
         if let Some(t) = c.truth.as_mut() {
             t.attributes.tonic = 12;

@@ -456,45 +456,15 @@ pub fn train_adherence(
     let features = features_of(model.frontend(), &clips, progress)?;
     let width = model.frontend().width();
     let captions: Vec<&str> = train.iter().map(|r| r.caption.as_str()).collect();
-    // Hard negatives: `negative_of[i]` indexes the features of clip i's.
-    let mut negative_clips: Vec<&[u32]> = Vec::new();
-    let negative_of: Vec<Option<usize>> = train
-        .iter()
-        .map(|r| {
-            r.hard_negative.as_ref().map(|tokens| {
-                negative_clips.push(tokens);
-                negative_clips.len() - 1
-            })
-        })
-        .collect();
-    let negative_features = features_of(model.frontend(), &negative_clips, progress)?;
 
     let (steps, final_loss) = optimise(&model, train.len(), cfg, progress, &|batch| {
         let caps: Vec<&str> = batch.iter().map(|&i| captions[i]).collect();
-        let mut rows: Vec<&[f32]> = batch.iter().map(|&i| features[i].as_slice()).collect();
-        let negatives: Vec<&[f32]> = batch
-            .iter()
-            .filter_map(|&i| negative_of[i].map(|j| negative_features[j].as_slice()))
-            .collect();
-        rows.extend(&negatives);
-        let (audio, text, scale) = model.contrastive(&Features::stack(&rows, width), &caps)?;
-        // [captions, clips then hard negatives]
-        let logits = text.matmul(&audio.t()?)?.broadcast_mul(&scale)?;
-        let n = batch.len();
-        let positives = logits
-            .narrow(1, 0, n)?
-            .broadcast_add(&duplicate_mask(&caps, device)?)?;
-        let targets = Tensor::arange(0u32, n as u32, device)?;
-        // Each caption is told apart from every other clip of the batch and
-        // from every hard negative (its own among them); each clip from
-        // the batch's other captions.
-        let t2a_logits = if negatives.is_empty() {
-            positives.clone()
-        } else {
-            Tensor::cat(&[&positives, &logits.narrow(1, n, negatives.len())?], 1)?
-        };
-        let t2a = candle_nn::loss::cross_entropy(&t2a_logits, &targets)?;
-        let a2t = candle_nn::loss::cross_entropy(&positives.t()?, &targets)?;
+        let (audio, text, scale) = model.contrastive(&stack(&features, batch, width), &caps)?;
+        let logits = text.matmul(&audio.t()?)?.broadcast_mul(&scale)?; // [captions, clips]
+        let logits = logits.broadcast_add(&duplicate_mask(&caps, device)?)?;
+        let targets = Tensor::arange(0u32, batch.len() as u32, device)?;
+        let t2a = candle_nn::loss::cross_entropy(&logits, &targets)?;
+        let a2t = candle_nn::loss::cross_entropy(&logits.t()?, &targets)?;
         Ok(((t2a + a2t)? * 0.5)?)
     })?;
     let eval_result = evaluate_adherence(&model, &eval)?;

@@ -116,55 +116,6 @@ fn adherence_model_retrieves_far_above_chance() {
     assert!(oracle_at_5.unwrap() >= recall_at_5 - 0.05);
 }
 
-/// Hard negatives teach what retrieval among other captions does not: of
-/// two clips for one caption, which has what it asks for.
-#[test]
-fn hard_negatives_teach_the_adherence_model_to_rank_within_a_prompt() {
-    let cfg = TrainConfig {
-        epochs: 6,
-        ..small()
-    };
-    let with_negatives = |seed, n| {
-        generate::clips(&GenConfig {
-            hard_negatives: true,
-            ..data(n, seed)
-        })
-        .unwrap()
-    };
-    let held_out = with_negatives(11, 300);
-    // Share of held-out captions whose clip scores above its hard negative.
-    let ranks_right = |model: &RewardModel| {
-        let (mut right, mut n) = (0, 0);
-        for r in &held_out {
-            let Some(negative) = &r.hard_negative else {
-                continue;
-            };
-            let scores = model
-                .score(&[
-                    ScoreInput::tokens(&r.caption, &r.tokens),
-                    ScoreInput::tokens(&r.caption, negative),
-                ])
-                .unwrap();
-            right += usize::from(scores[0] > scores[1]);
-            n += 1;
-        }
-        right as f64 / n as f64
-    };
-    let (plain, _) = train::train_adherence(
-        &generate::clips(&data(600, 4)).unwrap(),
-        &cfg,
-        &Device::Cpu,
-        &mut |_| {},
-    )
-    .unwrap();
-    let (hard, report) =
-        train::train_adherence(&with_negatives(4, 600), &cfg, &Device::Cpu, &mut |_| {}).unwrap();
-    assert!(matches!(report.eval, Evaluation::Adherence { .. }));
-    let (plain, hard) = (ranks_right(&plain), ranks_right(&hard));
-    println!("clip above its hard negative: {plain:.3} without them in training, {hard:.3} with");
-    assert!(hard > plain + 0.05, "without {plain:.3}, with {hard:.3}");
-}
-
 #[test]
 fn too_little_data_is_a_clear_error() {
     let records = generate::ratings(&data(5, 5)).unwrap();

@@ -107,9 +107,6 @@ pub struct DataPlan {
     /// Share of the captioned clips corrupted like a policy's samples
     /// (`GenConfig::corrupted_clips`).
     pub corrupted_clips: f64,
-    /// Whether each captioned clip comes with a hard negative
-    /// (`GenConfig::hard_negatives`).
-    pub hard_negatives: bool,
 }
 
 /// Reward model training.
@@ -187,7 +184,6 @@ impl Plan {
                     pairs: 8000,
                     frames: (40, 64),
                     corrupted_clips: 0.0,
-                    hard_negatives: true,
                 },
                 rewards: RewardPlan {
                     batch_size: 32,
@@ -229,7 +225,6 @@ impl Plan {
                     pairs: 64,
                     frames: (16, 24),
                     corrupted_clips: 0.0,
-                    hard_negatives: true,
                 },
                 rewards: RewardPlan {
                     batch_size: 8,
@@ -548,7 +543,6 @@ fn rater_data(plan: &Plan, dir: &Path) -> anyhow::Result<(Vec<String>, Datasets)
     let clips = generate::clips(&GenConfig {
         n: plan.data.clips,
         corrupted_clips: plan.data.corrupted_clips,
-        hard_negatives: plan.data.hard_negatives,
         ..base.clone()
     })?;
     write_jsonl(dir.join("clips.jsonl"), &clips)?;

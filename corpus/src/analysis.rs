@@ -18,9 +18,7 @@
 use encore_codec::{Instrument, Token, Velocity};
 use serde::{Deserialize, Serialize};
 
-use crate::attributes::{
-    Articulation, Attributes, Density, Mentioned, Mode, Mood, Register, Tempo,
-};
+use crate::attributes::{Articulation, Attributes, Density, Mentioned, Mode, Register, Tempo};
 
 /// Relative likelihood of an onset on a beat, an eighth, a sixteenth and off the grid.
 const GRID_WEIGHTS: [f64; 4] = [4.0, 2.0, 1.0, 0.02];
@@ -218,35 +216,6 @@ impl Analysis {
             .map(|pc| self.pitch_classes[usize::from(pc)])
             .sum();
         Some(in_key as f32 / total as f32)
-    }
-
-    /// What a listener can tell of the clip: its attributes as analysed,
-    /// and which of them the analysis determined (a caption of the clip may
-    /// mention only those; the mood, which needs the contour, never). The
-    /// undetermined ones hold placeholders. `None` without onsets.
-    pub fn heard(&self) -> Option<(Attributes, Mentioned)> {
-        if self.onsets == 0 {
-            return None;
-        }
-        let attributes = Attributes {
-            instrument: self.instrument.unwrap_or(Instrument::ALL[0]),
-            tempo: self.tempo.unwrap_or(Tempo::ALL[0]),
-            tonic: self.key.map_or(0, |(tonic, _)| tonic),
-            mode: self.key.map_or(Mode::ALL[0], |(_, mode)| mode),
-            mood: Mood::ALL[0],
-            density: self.density.unwrap_or(Density::ALL[0]),
-            register: self.register.unwrap_or(Register::ALL[0]),
-        };
-        let determined = Mentioned {
-            instrument: self.instrument.is_some(),
-            tempo: self.tempo.is_some(),
-            key: self.key.is_some(),
-            mode: self.key.is_some(),
-            mood: false,
-            density: self.density.is_some(),
-            register: self.register.is_some(),
-        };
-        Some((attributes, determined))
     }
 
     /// Articulation, from how much of each note's span it sounds.
@@ -571,12 +540,6 @@ mod tests {
             assert_eq!(a.prompt_adherence(&other_tempo, &tempo), 0.0);
             let both = instrument.union(tempo);
             assert_eq!(a.prompt_adherence(&other_tempo, &both), 0.5);
-            let (heard, determined) = a.heard().unwrap();
-            let heard_parts = a.adherence_by_attribute(&heard, &determined);
-            assert!(
-                heard_parts[..4].iter().flatten().all(|&x| x == 1.0),
-                "a clip has what is heard in it: {heard_parts:?}"
-            );
             let parts = a.adherence_by_attribute(&other_tempo, &both);
             assert_eq!(parts[0], Some(1.0), "instrument");
             assert_eq!(parts[1], Some(0.0), "tempo");

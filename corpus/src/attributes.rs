@@ -375,20 +375,7 @@ impl Mentioned {
         .count()
     }
 
-    /// Attributes mentioned in both.
-    pub fn intersection(self, other: Mentioned) -> Mentioned {
-        Mentioned {
-            instrument: self.instrument && other.instrument,
-            tempo: self.tempo && other.tempo,
-            key: self.key && other.key,
-            mode: self.mode && other.mode,
-            mood: self.mood && other.mood,
-            density: self.density && other.density,
-            register: self.register && other.register,
-        }
-    }
-
-    /// Attributes mentioned in either.
+    /// Attribute-wise OR.
     pub fn union(self, other: Mentioned) -> Mentioned {
         Mentioned {
             instrument: self.instrument || other.instrument,

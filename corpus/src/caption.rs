@@ -231,19 +231,6 @@ pub fn caption_mentioning(
     must: Mentioned,
     rng: &mut impl Rng,
 ) -> (String, Mentioned) {
-    caption_within(attrs, must, Mentioned::ALL, rng)
-}
-
-/// Like [`caption_mentioning`], but mentions nothing outside `allowed`
-/// (what a listener could tell of the clip); `must` is limited to it too.
-/// The same draws as [`caption_mentioning`], so that `allowed =
-/// Mentioned::ALL` gives its captions.
-pub fn caption_within(
-    attrs: &Attributes,
-    must: Mentioned,
-    allowed: Mentioned,
-    rng: &mut impl Rng,
-) -> (String, Mentioned) {
     let key = rng.random_bool(P_KEY);
     let mut mentioned = Mentioned {
         instrument: rng.random_bool(P_INSTRUMENT),
@@ -254,11 +241,9 @@ pub fn caption_within(
         density: rng.random_bool(P_DENSITY),
         register: rng.random_bool(P_REGISTER),
     }
-    .union(must)
-    .intersection(allowed);
+    .union(must);
     // A named key always carries its mode.
-    mentioned.mode |= mentioned.key && allowed.mode;
-    mentioned.key &= mentioned.mode;
+    mentioned.mode |= mentioned.key;
 
     let mut before: Vec<&str> = Vec::new();
     let mut after: Vec<String> = Vec::new();

@@ -37,8 +37,7 @@ pub use attributes::{
     Articulation, Attributes, Contour, Density, Mentioned, Mode, Mood, Register, Tempo, key_name,
 };
 pub use caption::{
-    AttributePhrases, attribute_phrases, caption, caption_mentioning, caption_within,
-    instrument_phrases,
+    AttributePhrases, attribute_phrases, caption, caption_mentioning, instrument_phrases,
 };
 pub use compose::compose;
 pub use encore_codec::Instrument;

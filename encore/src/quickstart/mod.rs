@@ -29,7 +29,7 @@ use clap::{Args, ValueEnum};
 use encore_model::Preset;
 use encore_model::pretrain::{PretrainConfig, pretrain};
 use encore_raters::generate::{self, GenConfig};
-use encore_raters::records::{ClipRecord, Truth, write_jsonl};
+use encore_raters::records::write_jsonl;
 use encore_reward::ArchConfig;
 use encore_reward_train::{self as train, TrainConfig, TrainReport};
 use serde::Serialize;
@@ -107,9 +107,6 @@ pub struct DataPlan {
     /// Share of the captioned clips corrupted like a policy's samples
     /// (`GenConfig::corrupted_clips`).
     pub corrupted_clips: f64,
-    /// Samples of the base policy captioned with what can be told of them,
-    /// added to the adherence model's captioned clips (0: none).
-    pub policy_clips: usize,
 }
 
 /// Reward model training.
@@ -187,7 +184,6 @@ impl Plan {
                     pairs: 8000,
                     frames: (40, 64),
                     corrupted_clips: 0.0,
-                    policy_clips: 3000,
                 },
                 rewards: RewardPlan {
                     batch_size: 32,
@@ -229,7 +225,6 @@ impl Plan {
                     pairs: 64,
                     frames: (16, 24),
                     corrupted_clips: 0.0,
-                    policy_clips: 16,
                 },
                 rewards: RewardPlan {
                     batch_size: 8,
@@ -364,19 +359,10 @@ pub fn run(args: QuickstartArgs) -> anyhow::Result<()> {
 
     phases.begin("raters", "simulated raters label clips and pairs");
     let data = out.join("data");
-    let (mut data_notes, mut datasets) = rater_data(&plan, &data)?;
-    if plan.data.policy_clips > 0 {
-        let clips = policy_clips(&plan, &base)?;
-        write_jsonl(data.join("policy-clips.jsonl"), &clips)?;
-        data_notes.push(format!(
-            "{} samples of the base policy captioned with what can be told of them, added to the adherence model's clips",
-            clips.len()
-        ));
-        datasets.clips.extend(clips);
-    }
+    let (data_notes, datasets) = rater_data(&plan, &data)?;
 
     phases.begin("reward models", "adherence, quality, preference");
-    let rewards = reward_models(&plan, &cache, &base, &datasets, args.fresh)?;
+    let rewards = reward_models(&plan, &cache, &datasets, args.fresh)?;
 
     phases.begin(
         "local cluster",
@@ -521,7 +507,7 @@ fn data_config(plan: &Plan) -> GenConfig {
 /// The cache key of the reward models: every setting of the data they are
 /// trained on (the plan's sizes and `data`, how the datasets are generated)
 /// and of their training.
-fn rewards_key(plan: &Plan, base: &Path, data: &GenConfig) -> anyhow::Result<String> {
+fn rewards_key(plan: &Plan, data: &GenConfig) -> anyhow::Result<String> {
     let training: Vec<TrainConfig> = [
         plan.rewards.adherence_epochs,
         plan.rewards.quality_epochs,
@@ -530,11 +516,7 @@ fn rewards_key(plan: &Plan, base: &Path, data: &GenConfig) -> anyhow::Result<Str
     .into_iter()
     .map(|epochs| reward_train_config(plan, epochs, None))
     .collect();
-    // The adherence model's data holds the base policy's samples.
-    let base = (plan.data.policy_clips > 0)
-        .then(|| base.file_name())
-        .flatten();
-    cache_key(&(&plan.data, data, &plan.rewards, training, base))
+    cache_key(&(&plan.data, data, &plan.rewards, training))
 }
 
 /// The training settings of one reward model.
@@ -614,66 +596,16 @@ pub(crate) struct Rewards {
     pub reports: Vec<(String, TrainReport)>,
 }
 
-/// Samples of the base policy captioned as annotators would caption them:
-/// each caption mentions a random subset of what can be told of the clip
-/// (`Analysis::heard`, the attribute analysis standing in for the
-/// annotators), not the prompt it was sampled for. The adherence model
-/// then also learns from clips like those it will score, flaws and all.
-fn policy_clips(plan: &Plan, base: &Path) -> anyhow::Result<Vec<ClipRecord>> {
-    use rand::SeedableRng;
-    let device = Device::Cpu;
-    let (policy, _) = encore_model::load_frozen(base, &device)?;
-    let frames = plan.frames(encore_model::read_config(base)?.policy.max_frames);
-    let n = plan.data.policy_clips;
-    // Other prompts than the RL jobs' (train split from 1 000 000 on).
-    let prompts =
-        encore_corpus::Corpus::new(7, frames).batch(encore_corpus::Split::Train, 2_000_000, n);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-    let mut bar = Progress::new(n as u64, "    base clips");
-    let mut clips = Vec::with_capacity(n);
-    for (ci, chunk) in prompts.chunks(32).enumerate() {
-        let captions: Vec<&str> = chunk.iter().map(|e| e.caption.as_str()).collect();
-        let text = encore_model::embed_captions(&captions, &device)?;
-        let params = encore_model::SamplingParams {
-            seed: 7_000 + ci as u64,
-            ..Default::default()
-        };
-        for tokens in encore_model::sample(&policy, &text, frames, &params)?.tokens {
-            let Some((attributes, heard)) = encore_corpus::analyze(&tokens).heard() else {
-                continue;
-            };
-            let (caption, mentioned) = encore_corpus::caption_within(
-                &attributes,
-                encore_corpus::Mentioned::default(),
-                heard,
-                &mut rng,
-            );
-            clips.push(ClipRecord {
-                caption,
-                tokens,
-                truth: Some(Truth {
-                    attributes,
-                    mentioned,
-                }),
-            });
-        }
-        bar.update(((ci + 1) * 32).min(n) as u64, n as u64, String::new());
-    }
-    bar.finish();
-    Ok(clips)
-}
-
 /// Trains (or takes from the cache) the three reward models.
 fn reward_models(
     plan: &Plan,
     cache: &Path,
-    base: &Path,
     data: &Datasets,
     fresh: bool,
 ) -> anyhow::Result<Rewards> {
     let dir = cache.join(format!(
         "rewards-{}",
-        rewards_key(plan, base, &data_config(plan))?
+        rewards_key(plan, &data_config(plan))?
     ));
     let config =
         |epochs: usize, init_audio: Option<PathBuf>| reward_train_config(plan, epochs, init_audio);
@@ -754,13 +686,8 @@ mod tests {
     fn the_reward_cache_key_covers_how_the_data_is_generated() {
         let plan = Plan::new(Scale::Test);
         let data = data_config(&plan);
-        let base = Path::new("cache/base-1");
-        let key = rewards_key(&plan, base, &data).unwrap();
-        assert_eq!(
-            key,
-            rewards_key(&plan, base, &data.clone()).unwrap(),
-            "stable"
-        );
+        let key = rewards_key(&plan, &data).unwrap();
+        assert_eq!(key, rewards_key(&plan, &data.clone()).unwrap(), "stable");
         let others = [
             GenConfig {
                 seed: data.seed + 1,
@@ -780,15 +707,10 @@ mod tests {
             },
         ];
         for other in others {
-            assert_ne!(rewards_key(&plan, base, &other).unwrap(), key, "{other:?}");
+            assert_ne!(rewards_key(&plan, &other).unwrap(), key, "{other:?}");
         }
         let mut fewer_pairs = plan.clone();
         fewer_pairs.data.pairs -= 1;
-        assert_ne!(rewards_key(&fewer_pairs, base, &data).unwrap(), key);
-        // Another base policy samples other clips for the adherence model.
-        assert_ne!(
-            rewards_key(&plan, Path::new("cache/base-other"), &data).unwrap(),
-            key
-        );
+        assert_ne!(rewards_key(&fewer_pairs, &data).unwrap(), key);
     }
 }

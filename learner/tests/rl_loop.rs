@@ -207,27 +207,8 @@ fn trained_models(base: &std::path::Path) -> RewardModel {
         ..GenConfig::default()
     })
     .unwrap();
-    let (model, report) = train::train_quality(
-        &ratings,
-        &TrainConfig {
-            epochs: 4,
-            batch_size: 16,
-            learning_rate: 3e-3,
-            warmup_steps: 5,
-            eval_fraction: 0.2,
-            arch: ArchConfig {
-                channels: 24,
-                dilations: vec![1, 2, 4],
-                embed_dim: 32,
-                hidden: 32,
-                ..ArchConfig::default()
-            },
-            ..TrainConfig::default()
-        },
-        &Device::Cpu,
-        &mut |_| {},
-    )
-    .unwrap();
+    let (model, report) =
+        train::train_quality(&ratings, &TrainConfig::small(), &Device::Cpu, &mut |_| {}).unwrap();
     println!(
         "pretrained the base in {pretrained:.1?}, trained the quality model in {:.1?}: {}",
         started.elapsed() - pretrained,

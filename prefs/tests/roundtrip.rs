@@ -18,7 +18,6 @@ use encore_prefs::{HostedPolicy, Limits, Preferences};
 use encore_proto::v1::{Choice, Comparison, GetPairRequest, SubmitComparisonsRequest};
 use encore_raters::Population;
 use encore_raters::records::{Choice as RaterChoice, PreferenceRecord};
-use encore_reward::ArchConfig;
 use encore_reward_train::{self as train, Evaluation, TrainConfig};
 use encore_store::{EmbeddedOptions, EmbeddedStore, Store, SystemClock};
 use rand::SeedableRng;
@@ -162,27 +161,7 @@ async fn preferences_collected_through_the_api_train_a_preference_model() {
         })
         .count();
     let (_, report) = tokio::task::spawn_blocking(move || {
-        train::train_preference(
-            &records,
-            &TrainConfig {
-                epochs: 4,
-                batch_size: 16,
-                learning_rate: 3e-3,
-                warmup_steps: 5,
-                eval_fraction: 0.2,
-                arch: ArchConfig {
-                    channels: 24,
-                    dilations: vec![1, 2, 4],
-                    embed_dim: 32,
-                    hidden: 32,
-                    ..ArchConfig::default()
-                },
-                ..TrainConfig::default()
-            },
-            &Device::Cpu,
-            &mut |_| {},
-        )
-        .unwrap()
+        train::train_preference(&records, &TrainConfig::small(), &Device::Cpu, &mut |_| {}).unwrap()
     })
     .await
     .unwrap();

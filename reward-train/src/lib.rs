@@ -121,6 +121,26 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// A small model and short schedule that learn something real from a
+    /// few hundred clips in seconds: for tests and smoke runs.
+    pub fn small() -> TrainConfig {
+        TrainConfig {
+            epochs: 4,
+            batch_size: 16,
+            learning_rate: 3e-3,
+            warmup_steps: 5,
+            eval_fraction: 0.2,
+            arch: ArchConfig {
+                channels: 24,
+                dilations: vec![1, 2, 4],
+                embed_dim: 32,
+                hidden: 32,
+                ..ArchConfig::default()
+            },
+            ..TrainConfig::default()
+        }
+    }
+
     /// Checks the settings; errors name the key.
     pub fn validate(&self) -> Result<(), TrainError> {
         let bad =

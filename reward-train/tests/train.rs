@@ -4,25 +4,11 @@
 
 use candle_core::Device;
 use encore_raters::generate::{self, GenConfig};
-use encore_reward::{ArchConfig, RewardModel, ScoreInput};
+use encore_reward::{RewardModel, ScoreInput};
 use encore_reward_train::{self as train, Evaluation, TrainConfig};
 
 fn small() -> TrainConfig {
-    TrainConfig {
-        epochs: 4,
-        batch_size: 16,
-        learning_rate: 3e-3,
-        warmup_steps: 5,
-        eval_fraction: 0.2,
-        arch: ArchConfig {
-            channels: 24,
-            dilations: vec![1, 2, 4],
-            embed_dim: 32,
-            hidden: 32,
-            ..ArchConfig::default()
-        },
-        ..TrainConfig::default()
-    }
+    TrainConfig::small()
 }
 
 fn data(n: usize, seed: u64) -> GenConfig {

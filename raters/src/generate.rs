@@ -38,6 +38,8 @@ use crate::{normal, stream};
 const DOMAIN_CLIPS: u64 = 0x636c_6970_0000_0001;
 const DOMAIN_RATINGS: u64 = 0x7261_7469_6e67_0002;
 const DOMAIN_PREFERENCES: u64 = 0x7072_6566_0000_0003;
+const DOMAIN_POLICY_PROMPTS: u64 = 0x7072_6f6d_0000_0004;
+const DOMAIN_JUDGED_PAIRS: u64 = 0x6a75_6467_0000_0005;
 
 /// Milliseconds per frame (25 frames a second).
 const FRAME_MS: f32 = 1000.0 / FRAME_RATE as f32;
@@ -507,39 +509,115 @@ pub fn preferences(cfg: &GenConfig) -> Result<Vec<PreferenceRecord>, RecordError
         let (attrs, mentioned) = (&truth.attributes, &truth.mentioned);
         let a = candidate(attrs, mentioned, frames, cfg.violation_rate, &mut rng);
         let b = candidate(attrs, mentioned, frames, cfg.violation_rate, &mut rng);
-        let (fa, fb) = (Features::of(&a.tokens), Features::of(&b.tokens));
-        let judges = if rng.random_bool(cfg.double_rated) {
-            2
-        } else {
-            1
+        let pair = SampledPair {
+            caption,
+            truth,
+            a: PairClip {
+                tokens: a.tokens,
+                policy_version: None,
+            },
+            b: PairClip {
+                tokens: b.tokens,
+                policy_version: None,
+            },
         };
-        for r in sample(&mut rng, cfg.raters, judges) {
-            let rater = &pool[r];
-            let choice = rater.prefer_of(attrs, mentioned, &fa, &fb, &mut rng);
-            let time_ms = if choice == Choice::Skip {
-                rng.random_range(300..=3000)
-            } else {
-                listening_ms(2 * frames, 3000.0, &mut rng)
-            };
-            records.push(PreferenceRecord {
-                pair_id: format!("s{}-p{i}", cfg.seed),
-                caption: caption.clone(),
-                a: PairClip {
-                    tokens: a.tokens.clone(),
-                    policy_version: None,
-                },
-                b: PairClip {
-                    tokens: b.tokens.clone(),
-                    policy_version: None,
-                },
-                choice,
-                rater: rater.id.clone(),
-                time_ms,
-                truth: Some(truth),
-            });
-        }
+        judge(
+            cfg,
+            &pool,
+            &format!("s{}-p{i}", cfg.seed),
+            pair,
+            &mut rng,
+            &mut records,
+        );
     }
     Ok(records)
+}
+
+/// `n` prompts from the corpus's train split, for a policy to sample the
+/// pairs that [`judge_pairs`] judges: the way MusicRL's preference data
+/// was collected, two clips of the deployed model for one user prompt.
+/// Disjoint from the prompts of [`preferences`] only by chance, like any
+/// two draws of the train split.
+pub fn pair_prompts(cfg: &GenConfig, n: usize) -> Vec<(String, Truth)> {
+    (0..n as u64)
+        .map(|i| cfg.prompt(&mut stream(cfg.seed, DOMAIN_POLICY_PROMPTS, i)))
+        .collect()
+}
+
+/// Two clips sampled for one prompt, to be judged by [`judge_pairs`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledPair {
+    /// The prompt.
+    pub caption: String,
+    /// What the prompt was written from.
+    pub truth: Truth,
+    /// The first clip.
+    pub a: PairClip,
+    /// The second clip.
+    pub b: PairClip,
+}
+
+/// `pairs` judged as [`preferences`] judges its candidates: pair `i` by one
+/// random rater of the pool, a `cfg.double_rated` fraction again by a
+/// second; pair ids are `s{seed}-q{i}`, distinct from [`preferences`]'.
+pub fn judge_pairs(
+    cfg: &GenConfig,
+    pairs: Vec<SampledPair>,
+) -> Result<Vec<PreferenceRecord>, RecordError> {
+    cfg.validate()?;
+    let pool = cfg.personas();
+    let mut records = Vec::with_capacity(pairs.len() + 1);
+    for (i, pair) in pairs.into_iter().enumerate() {
+        let mut rng = stream(cfg.seed, DOMAIN_JUDGED_PAIRS, i as u64);
+        judge(
+            cfg,
+            &pool,
+            &format!("s{}-q{i}", cfg.seed),
+            pair,
+            &mut rng,
+            &mut records,
+        );
+    }
+    Ok(records)
+}
+
+/// One or (with probability `cfg.double_rated`) two distinct raters of
+/// `pool` answer which clip of `pair` they prefer; a record each.
+fn judge(
+    cfg: &GenConfig,
+    pool: &[Persona],
+    pair_id: &str,
+    pair: SampledPair,
+    rng: &mut impl Rng,
+    records: &mut Vec<PreferenceRecord>,
+) {
+    let (attrs, mentioned) = (&pair.truth.attributes, &pair.truth.mentioned);
+    let (fa, fb) = (Features::of(&pair.a.tokens), Features::of(&pair.b.tokens));
+    let frames = pair.a.tokens.len().max(pair.b.tokens.len());
+    let judges = if rng.random_bool(cfg.double_rated) {
+        2
+    } else {
+        1
+    };
+    for r in sample(rng, cfg.raters, judges) {
+        let rater = &pool[r];
+        let choice = rater.prefer_of(attrs, mentioned, &fa, &fb, rng);
+        let time_ms = if choice == Choice::Skip {
+            rng.random_range(300..=3000)
+        } else {
+            listening_ms(2 * frames, 3000.0, rng)
+        };
+        records.push(PreferenceRecord {
+            pair_id: pair_id.to_owned(),
+            caption: pair.caption.clone(),
+            a: pair.a.clone(),
+            b: pair.b.clone(),
+            choice,
+            rater: rater.id.clone(),
+            time_ms,
+            truth: Some(pair.truth),
+        });
+    }
 }
 
 /// How many records give each answer.
@@ -893,6 +971,49 @@ mod tests {
         assert_eq!(super::ratings(&c).unwrap(), ratings);
         assert_eq!(super::preferences(&c).unwrap(), prefs);
         assert_eq!(super::clips(&c).unwrap(), clips);
+    }
+
+    #[test]
+    fn judged_pairs_keep_their_clips_and_follow_the_raters() {
+        let c = cfg(5, 60);
+        let prompts = pair_prompts(&c, 60);
+        assert_eq!(prompts, pair_prompts(&c, 60), "deterministic");
+        assert_ne!(prompts, pair_prompts(&cfg(6, 60), 60), "seeded");
+        let mut rng = stream(9, 0, 0);
+        let pairs: Vec<SampledPair> = prompts
+            .iter()
+            .map(|(caption, truth)| {
+                let clean =
+                    candidate_at(&truth.attributes, &truth.mentioned, 80, 0.0, 0.0, &mut rng);
+                let ruined = corrupt(&clean.tokens, 1.0, &mut rng);
+                let clip = |tokens| PairClip {
+                    tokens,
+                    policy_version: Some("base".into()),
+                };
+                SampledPair {
+                    caption: caption.clone(),
+                    truth: *truth,
+                    a: clip(clean.tokens),
+                    b: clip(ruined),
+                }
+            })
+            .collect();
+        let records = judge_pairs(&c, pairs.clone()).unwrap();
+        assert_eq!(judge_pairs(&c, pairs.clone()).unwrap(), records);
+        assert!(records.len() >= pairs.len());
+        assert!(records.iter().all(|r| r.validate().is_ok()));
+        for r in &records {
+            let i: usize = r.pair_id.strip_prefix("s5-q").unwrap().parse().unwrap();
+            assert_eq!(
+                (&r.a, &r.b, &r.caption),
+                (&pairs[i].a, &pairs[i].b, &pairs[i].caption)
+            );
+        }
+        let counts = ChoiceCounts::of(&records);
+        assert!(
+            counts.a > 4 * counts.b,
+            "{counts:?}: the clean clip should win"
+        );
     }
 
     #[test]

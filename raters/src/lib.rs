@@ -33,8 +33,9 @@ pub mod sim;
 pub mod stats;
 
 pub use generate::{
-    Candidate, ChoiceCounts, Corruption, GenConfig, PreferenceCeiling, QualityCeiling, candidate,
-    clips, corrupt, preference_ceiling, preferences, quality_ceiling, ratings,
+    Candidate, ChoiceCounts, Corruption, GenConfig, PreferenceCeiling, QualityCeiling, SampledPair,
+    candidate, clips, corrupt, judge_pairs, pair_prompts, preference_ceiling, preferences,
+    quality_ceiling, ratings,
 };
 pub use records::{
     Choice, ClipRecord, PairClip, PreferenceRecord, RatingRecord, RecordError, Truth, Validate,

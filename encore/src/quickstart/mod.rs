@@ -100,8 +100,12 @@ pub struct DataPlan {
     pub clips: usize,
     /// Rated clips (quality; several raters each).
     pub rated_clips: usize,
-    /// Pairwise comparisons (preference).
+    /// Pairwise comparisons of generated candidates (preference).
     pub pairs: usize,
+    /// Pairwise comparisons of two clips the base policy sampled for one
+    /// training prompt (preference), as MusicRL's users compared two of
+    /// MusicLM's clips.
+    pub policy_pairs: usize,
     /// Clip lengths, in frames.
     pub frames: (usize, usize),
     /// Share of the captioned clips corrupted like a policy's samples
@@ -179,9 +183,10 @@ impl Plan {
                     learning_rate: 3e-3,
                 },
                 data: DataPlan {
-                    clips: 6000,
-                    rated_clips: 1000,
-                    pairs: 8000,
+                    clips: 24000,
+                    rated_clips: 3000,
+                    pairs: 4000,
+                    policy_pairs: 6000,
                     frames: (40, 64),
                     corrupted_clips: 0.0,
                 },
@@ -189,7 +194,7 @@ impl Plan {
                     batch_size: 32,
                     channels: 64,
                     adherence_batch_size: 128,
-                    adherence_epochs: 12,
+                    adherence_epochs: 3,
                     quality_epochs: 5,
                     preference_epochs: 1,
                 },
@@ -223,6 +228,7 @@ impl Plan {
                     clips: 48,
                     rated_clips: 32,
                     pairs: 64,
+                    policy_pairs: 32,
                     frames: (16, 24),
                     corrupted_clips: 0.0,
                 },
@@ -358,18 +364,18 @@ pub fn run(args: QuickstartArgs) -> anyhow::Result<()> {
     let base = base_policy(&plan, &cache, args.fresh)?;
 
     phases.begin("raters", "simulated raters label clips and pairs");
+    let frames = plan.frames(encore_model::read_config(&base)?.policy.max_frames);
     let data = out.join("data");
-    let (data_notes, datasets) = rater_data(&plan, &data)?;
+    let (data_notes, datasets) = rater_data(&plan, &data, &cache, &base, frames)?;
 
     phases.begin("reward models", "adherence, quality, preference");
-    let rewards = reward_models(&plan, &cache, &datasets, args.fresh)?;
+    let rewards = reward_models(&plan, &cache, &base, &datasets, args.fresh)?;
 
     phases.begin(
         "local cluster",
         "coordinator, reward server, 2 actors and a learner as processes",
     );
     let runtime = tokio::runtime::Runtime::new()?;
-    let frames = plan.frames(encore_model::read_config(&base)?.policy.max_frames);
     let mut cluster = runtime.block_on(cluster::Cluster::start(
         &out.join("cluster"),
         &rewards.dir,
@@ -505,9 +511,9 @@ fn data_config(plan: &Plan) -> GenConfig {
 }
 
 /// The cache key of the reward models: every setting of the data they are
-/// trained on (the plan's sizes and `data`, how the datasets are generated)
-/// and of their training.
-fn rewards_key(plan: &Plan, data: &GenConfig) -> anyhow::Result<String> {
+/// trained on (the plan's sizes and `data`, how the datasets are generated,
+/// the base policy whose samples were judged) and of their training.
+fn rewards_key(plan: &Plan, data: &GenConfig, base: &Path) -> anyhow::Result<String> {
     let training: Vec<TrainConfig> = [
         plan.rewards.adherence_epochs,
         plan.rewards.quality_epochs,
@@ -516,7 +522,14 @@ fn rewards_key(plan: &Plan, data: &GenConfig) -> anyhow::Result<String> {
     .into_iter()
     .map(|epochs| reward_train_config(plan, epochs, None))
     .collect();
-    cache_key(&(&plan.data, data, &plan.rewards, training))
+    cache_key(&(&plan.data, data, &plan.rewards, training, cache_name(base)))
+}
+
+/// The last component of a cache path: its settings' key.
+fn cache_name(path: &Path) -> String {
+    path.file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// The training settings of one reward model.
@@ -537,7 +550,13 @@ fn reward_train_config(plan: &Plan, epochs: usize, init_audio: Option<PathBuf>) 
 
 /// Generates the three datasets (and writes them as JSONL under `dir`);
 /// returns lines for the report on what their noise allows.
-fn rater_data(plan: &Plan, dir: &Path) -> anyhow::Result<(Vec<String>, Datasets)> {
+fn rater_data(
+    plan: &Plan,
+    dir: &Path,
+    cache: &Path,
+    base_policy: &Path,
+    frames: usize,
+) -> anyhow::Result<(Vec<String>, Datasets)> {
     std::fs::create_dir_all(dir)?;
     let base = data_config(plan);
     let clips = generate::clips(&GenConfig {
@@ -551,21 +570,30 @@ fn rater_data(plan: &Plan, dir: &Path) -> anyhow::Result<(Vec<String>, Datasets)
         ..base.clone()
     })?;
     write_jsonl(dir.join("ratings.jsonl"), &ratings)?;
-    let preferences = generate::preferences(&GenConfig {
+    let mut preferences = generate::preferences(&GenConfig {
         n: plan.data.pairs,
         ..base.clone()
     })?;
+    preferences.extend(judged_policy_pairs(
+        cache,
+        base_policy,
+        &base,
+        plan.data.policy_pairs,
+        frames,
+    )?);
     write_jsonl(dir.join("preferences.jsonl"), &preferences)?;
     let quality = generate::quality_ceiling(&ratings);
     let population = encore_raters::sim::Population::new(base.population_seed);
     let pref = generate::preference_ceiling(&preferences, &population, base.raters);
     let notes = vec![
         format!(
-            "{} captioned clips, {} ratings of {} clips, {} pairwise answers from a pool of {} simulated raters",
+            "{} captioned clips, {} ratings of {} clips, {} pairwise answers ({} pairs of candidates, {} of the base policy's samples) from a pool of {} simulated raters",
             clips.len(),
             ratings.len(),
             plan.data.rated_clips,
             preferences.len(),
+            plan.data.pairs,
+            plan.data.policy_pairs,
             base.raters
         ),
         format!(
@@ -588,6 +616,75 @@ fn rater_data(plan: &Plan, dir: &Path) -> anyhow::Result<(Vec<String>, Datasets)
     ))
 }
 
+/// The raters' answers on [`policy_pairs`], from the cache when the base
+/// policy and the settings match (sampling them takes about a minute).
+fn judged_policy_pairs(
+    cache: &Path,
+    base: &Path,
+    data: &GenConfig,
+    n: usize,
+    frames: usize,
+) -> anyhow::Result<Vec<encore_raters::PreferenceRecord>> {
+    let key = cache_key(&(cache_name(base), data, n, frames))?;
+    let file = cache.join(format!("pairs-{key}.jsonl"));
+    if file.exists() {
+        eprintln!("    base pairs: cached, {}", file.display());
+        return Ok(encore_raters::read_valid_jsonl(&file)?);
+    }
+    let records = generate::judge_pairs(data, policy_pairs(base, data, n, frames)?)?;
+    let partial = file.with_extension("partial");
+    write_jsonl(&partial, &records)?;
+    std::fs::rename(&partial, &file)?;
+    Ok(records)
+}
+
+/// `n` pairs of clips of `frames` frames that the base policy sampled, two
+/// for each of [`generate::pair_prompts`], in batches of 32 prompts.
+fn policy_pairs(
+    base: &Path,
+    data: &GenConfig,
+    n: usize,
+    frames: usize,
+) -> anyhow::Result<Vec<generate::SampledPair>> {
+    let device = Device::Cpu;
+    let (policy, _) = encore_model::load_frozen(base, &device)?;
+    let prompts = generate::pair_prompts(data, n);
+    let mut pairs = Vec::with_capacity(n);
+    let mut bar = Progress::new(n as u64, "    base pairs");
+    for (bi, chunk) in prompts.chunks(32).enumerate() {
+        let twice: Vec<&str> = chunk
+            .iter()
+            .flat_map(|(caption, _)| [caption.as_str(), caption.as_str()])
+            .collect();
+        let text = encore_model::embed_captions(&twice, &device)?;
+        let params = encore_model::SamplingParams {
+            seed: data.seed.wrapping_mul(1_000_003).wrapping_add(bi as u64),
+            ..Default::default()
+        };
+        let mut clips = encore_model::sample(&policy, &text, frames, &params)?
+            .tokens
+            .into_iter();
+        for (caption, truth) in chunk {
+            let (Some(a), Some(b)) = (clips.next(), clips.next()) else {
+                anyhow::bail!("the base policy returned fewer clips than prompts");
+            };
+            let clip = |tokens| encore_raters::PairClip {
+                tokens,
+                policy_version: Some("base".to_owned()),
+            };
+            pairs.push(generate::SampledPair {
+                caption: caption.clone(),
+                truth: *truth,
+                a: clip(a),
+                b: clip(b),
+            });
+        }
+        bar.update(pairs.len() as u64, n as u64, String::new());
+    }
+    bar.finish();
+    Ok(pairs)
+}
+
 /// The three trained reward models.
 pub(crate) struct Rewards {
     /// Directory holding `adherence/`, `quality/` and `preference/`.
@@ -600,12 +697,13 @@ pub(crate) struct Rewards {
 fn reward_models(
     plan: &Plan,
     cache: &Path,
+    base: &Path,
     data: &Datasets,
     fresh: bool,
 ) -> anyhow::Result<Rewards> {
     let dir = cache.join(format!(
         "rewards-{}",
-        rewards_key(plan, &data_config(plan))?
+        rewards_key(plan, &data_config(plan), base)?
     ));
     let config =
         |epochs: usize, init_audio: Option<PathBuf>| reward_train_config(plan, epochs, init_audio);
@@ -686,8 +784,13 @@ mod tests {
     fn the_reward_cache_key_covers_how_the_data_is_generated() {
         let plan = Plan::new(Scale::Test);
         let data = data_config(&plan);
-        let key = rewards_key(&plan, &data).unwrap();
-        assert_eq!(key, rewards_key(&plan, &data.clone()).unwrap(), "stable");
+        let base = Path::new("runs/cache/base-000000000000");
+        let key = rewards_key(&plan, &data, base).unwrap();
+        assert_eq!(
+            key,
+            rewards_key(&plan, &data.clone(), base).unwrap(),
+            "stable"
+        );
         let others = [
             GenConfig {
                 seed: data.seed + 1,
@@ -707,10 +810,19 @@ mod tests {
             },
         ];
         for other in others {
-            assert_ne!(rewards_key(&plan, &other).unwrap(), key, "{other:?}");
+            assert_ne!(rewards_key(&plan, &other, base).unwrap(), key, "{other:?}");
         }
         let mut fewer_pairs = plan.clone();
         fewer_pairs.data.pairs -= 1;
-        assert_ne!(rewards_key(&fewer_pairs, &data).unwrap(), key);
+        assert_ne!(rewards_key(&fewer_pairs, &data, base).unwrap(), key);
+        let mut fewer_policy_pairs = plan.clone();
+        fewer_policy_pairs.data.policy_pairs -= 1;
+        assert_ne!(rewards_key(&fewer_policy_pairs, &data, base).unwrap(), key);
+        let other_base = Path::new("runs/cache/base-111111111111");
+        assert_ne!(
+            rewards_key(&plan, &data, other_base).unwrap(),
+            key,
+            "the base policy's samples are judged: another base, other data"
+        );
     }
 }

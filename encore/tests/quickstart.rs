@@ -205,8 +205,9 @@ fn quickstart_writes_a_whole_report_and_reuses_its_cache() {
         );
     }
 
-    // A second run reuses the base policy and the reward models.
+    // A second run reuses the base policy, the judged pairs of its clips
+    // and the reward models.
     let second = quickstart(&out, &cache);
-    assert!(second.contains("cached: "), "{second}");
-    assert_eq!(second.matches("cached").count(), 4, "{second}");
+    assert!(second.contains("base pairs: cached"), "{second}");
+    assert_eq!(second.matches("cached").count(), 5, "{second}");
 }
